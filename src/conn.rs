@@ -1,0 +1,310 @@
+//! Where the client's bytes come from and go to: stdin/stdout (inetd, systemd
+//! `StandardInput=socket`, a pipe) or the socket systemd passed as fd 3; deadlines on every read
+//! and write; and the line framing the session reads through ([`Conn`] implements [`Peer`]).
+
+use crate::fd;
+use crate::pop3::MAX_COMMAND_LINE;
+use crate::session::{Line, Peer};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+/// The raw client connection: a read side and a write side (the same socket, or stdin and
+/// stdout), non-blocking underneath so every read and write has a deadline; to its users it
+/// behaves as a blocking stream that fails with `TimedOut`.
+pub struct RawConn {
+    read: File,
+    write: File,
+    timeout: Duration,
+    /// O_NONBLOCK is shared with whoever else holds the same open file (a terminal, the
+    /// inetd socket): restore what we found.
+    saved_flags: Vec<(File, libc::c_int)>,
+}
+
+impl RawConn {
+    /// The connection this process was started for: fd 3 under systemd's `Accept=yes`
+    /// (LISTEN_FDS), otherwise stdin and stdout.
+    pub fn from_environment(timeout: Duration) -> io::Result<RawConn> {
+        match fd::take_listen_fd()? {
+            Some(sock) => RawConn::new(fd::dup(sock.as_fd())?, File::from(sock), timeout),
+            None => RawConn::new(
+                fd::dup(io::stdin().as_fd())?,
+                fd::dup(io::stdout().as_fd())?,
+                timeout,
+            ),
+        }
+    }
+
+    fn new(read: File, write: File, timeout: Duration) -> io::Result<RawConn> {
+        let mut saved_flags = Vec::new();
+        for f in [&read, &write] {
+            let flags = fd::set_nonblocking(f.as_fd())?;
+            saved_flags.push((f.try_clone()?, flags));
+        }
+        let conn = RawConn {
+            read,
+            write,
+            timeout,
+            saved_flags,
+        };
+        if conn.is_socket() {
+            // Without it a lock-step client waits ~40 ms for each reply (Nagle + delayed ACK).
+            let _ = socket2::SockRef::from(&conn.write).set_nodelay(true);
+        }
+        Ok(conn)
+    }
+
+    pub fn is_socket(&self) -> bool {
+        fd::is_socket(self.write.as_fd())
+    }
+
+    /// The client's address, for the log.
+    pub fn peer_name(&self) -> String {
+        match socket2::SockRef::from(&self.write).peer_addr() {
+            Ok(a) => a
+                .as_socket()
+                .map_or_else(|| "local".to_string(), |a| a.ip().to_string()),
+            Err(_) => std::env::var("REMOTE_HOST").unwrap_or_else(|_| "pipe".to_string()),
+        }
+    }
+
+    /// The fd the client is on, to tell whether stderr is the same.
+    pub fn client_fd(&self) -> BorrowedFd<'_> {
+        self.write.as_fd()
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
+    }
+}
+
+impl Drop for RawConn {
+    fn drop(&mut self) {
+        for (f, flags) in &self.saved_flags {
+            let _ = fd::set_flags(f.as_fd(), *flags);
+        }
+    }
+}
+
+impl Read for RawConn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let deadline = self.deadline();
+        loop {
+            match self.read.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    fd::wait(self.read.as_fd(), false, deadline)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Write for RawConn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let deadline = self.deadline();
+        loop {
+            match self.write.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    fd::wait(self.write.as_fd(), true, deadline)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads lines and buffers replies over a byte stream. Replies are written out when the
+/// session is about to wait for the next command, or when much is pending, so a pipelined
+/// batch of commands gets its replies in few writes.
+pub struct Conn<S> {
+    stream: S,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// Inside an over-long line: drop bytes through its end.
+    discarding: bool,
+    out: Vec<u8>,
+    secure: bool,
+}
+
+/// Pending output beyond this is written out at once.
+const OUT_HIGH_WATER: usize = 64 << 10;
+const READ_BUF: usize = 16 << 10;
+
+impl<S: Read + Write> Conn<S> {
+    pub fn new(stream: S, secure: bool) -> Conn<S> {
+        Conn {
+            stream,
+            buf: vec![0; READ_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            discarding: false,
+            out: Vec::new(),
+            secure,
+        }
+    }
+
+    /// The next line of at most `max` octets without its line end (CRLF or bare LF).
+    pub fn read_line_max(&mut self, max: usize) -> io::Result<Line> {
+        debug_assert!(max < READ_BUF);
+        loop {
+            let pending = &self.buf[self.start..self.end];
+            if let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                let mut line = &pending[..i];
+                self.start += i + 1;
+                if std::mem::take(&mut self.discarding) {
+                    return Ok(Line::TooLong);
+                }
+                if line.last() == Some(&b'\r') {
+                    line = &line[..line.len() - 1];
+                }
+                if line.len() + 2 > max {
+                    return Ok(Line::TooLong);
+                }
+                return Ok(Line::Command(line.to_vec()));
+            }
+            if self.discarding || pending.len() > max {
+                // No line end within the limit: forget what we have and skip to the line end.
+                self.discarding = true;
+                self.start = 0;
+                self.end = 0;
+            }
+            self.flush()?;
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = self.stream.read(&mut self.buf[self.end..])?;
+            if n == 0 {
+                return Ok(Line::Eof);
+            }
+            self.end += n;
+        }
+    }
+}
+
+impl<S: Read + Write> Peer for Conn<S> {
+    fn read_line(&mut self) -> io::Result<Line> {
+        self.read_line_max(MAX_COMMAND_LINE)
+    }
+
+    fn is_secure(&self) -> bool {
+        self.secure
+    }
+}
+
+impl<S: Read + Write> Write for Conn<S> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.out.is_empty() && data.len() >= OUT_HIGH_WATER {
+            return self.stream.write(data);
+        }
+        self.out.extend_from_slice(data);
+        if self.out.len() >= OUT_HIGH_WATER {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out)?;
+            self.out.clear();
+        }
+        self.stream.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory duplex stream fed in fixed-size pieces.
+    struct Script {
+        input: Vec<u8>,
+        pos: usize,
+        piece: usize,
+        output: Vec<u8>,
+    }
+
+    impl Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.piece.min(buf.len()).min(self.input.len() - self.pos);
+            buf[..n].copy_from_slice(&self.input[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    impl Write for Script {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(input: &[u8], piece: usize) -> Vec<Option<Vec<u8>>> {
+        let mut c = Conn::new(
+            Script {
+                input: input.to_vec(),
+                pos: 0,
+                piece,
+                output: vec![],
+            },
+            false,
+        );
+        let mut v = Vec::new();
+        loop {
+            match c.read_line().unwrap() {
+                Line::Command(l) => v.push(Some(l)),
+                Line::TooLong => v.push(None),
+                Line::Eof => return v,
+            }
+        }
+    }
+
+    #[test]
+    fn splits_lines_the_same_in_any_chunking() {
+        let mut input = b"USER a\r\nPASS b c\nSTAT\r\n".to_vec();
+        input.extend_from_slice(&[b'x'; 300]);
+        input.extend_from_slice(b"\r\nNOOP\r\n");
+        input.extend_from_slice(&[b'y'; 40000]);
+        input.extend_from_slice(b"\nQUIT\r\npartial");
+        let expected = vec![
+            Some(b"USER a".to_vec()),
+            Some(b"PASS b c".to_vec()),
+            Some(b"STAT".to_vec()),
+            None,
+            Some(b"NOOP".to_vec()),
+            None,
+            Some(b"QUIT".to_vec()),
+        ];
+        for piece in 1..=512 {
+            assert_eq!(lines(&input, piece), expected, "piece {piece}");
+        }
+        assert_eq!(lines(&input, 100_000), expected);
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_limit_is_accepted() {
+        let mut input = vec![b'a'; MAX_COMMAND_LINE - 2];
+        input.extend_from_slice(b"\r\n");
+        input.extend_from_slice(&[b'b'; MAX_COMMAND_LINE - 1]);
+        input.extend_from_slice(b"\r\n");
+        let got = lines(&input, 7);
+        assert_eq!(got.len(), 2);
+        assert!(got[0].is_some());
+        assert!(got[1].is_none());
+    }
+}

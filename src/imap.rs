@@ -1,0 +1,546 @@
+//! The maildrop over one synchronous IMAP session (the `imap` crate, pinned; see CRATES.md).
+//!
+//! Login opens the mailbox read-only (EXAMINE) and takes one snapshot; RETR/TOP read with
+//! `BODY.PEEK[]<offset.length>` so nothing changes; only `commit` (POP3's UPDATE state) selects
+//! the mailbox read-write and touches exactly the DELE'd UIDs. SELECT and EXAMINE go through
+//! `run_command_and_read_response` because the crate's own `select`/`examine` panic on an
+//! untagged `* NO` (rust-imap #282). IMAP text never reaches the POP3 client: errors carry it
+//! to the log only.
+
+use crate::config::{ImapServer, OnDele, Source};
+use crate::maildrop::{Backend, Error, Maildrop, Message};
+use crate::pop3::Secret;
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ImapBackend {
+    pub source: Source,
+    pub mailbox: String,
+    pub on_dele: OnDele,
+    pub max_messages: Option<usize>,
+    pub timeout: Duration,
+}
+
+/// The byte stream under the IMAP session.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<native_tls::TlsStream<TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+type Session = imap::Session<Stream>;
+
+/// Where one user's login goes.
+struct Account {
+    server: ImapServer,
+    username: String,
+    mailbox: String,
+}
+
+impl ImapBackend {
+    fn account(&self, user: &str) -> Result<Account, Error> {
+        match &self.source {
+            Source::Fixed(server) => Ok(Account {
+                server: server.clone(),
+                username: user.to_string(),
+                mailbox: self.mailbox.clone(),
+            }),
+            Source::UserDir(dir) => self.account_from_file(dir, user),
+        }
+    }
+
+    /// `DIR/<user>`: `{"hostname", "port", "ssl"?, "username"?, "mailbox"?}` as the Python
+    /// aiopopd's server.py read it (`ssl` defaults to true there, and here).
+    fn account_from_file(&self, dir: &std::path::Path, user: &str) -> Result<Account, Error> {
+        if user.contains('/') || user.starts_with('.') || user.is_empty() {
+            return Err(Error::Auth("user name not allowed in --user-dir".into()));
+        }
+        let path = dir.join(user);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::Auth("unknown user".into()))
+            }
+            Err(e) => return Err(Error::Perm(format!("{}: {e}", path.display()))),
+        };
+        let bad = |what: &str| Error::Perm(format!("{}: {what}", path.display()));
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+        let hostname = v["hostname"]
+            .as_str()
+            .ok_or_else(|| bad("no \"hostname\""))?;
+        let port = v["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| bad("no valid \"port\""))?;
+        let tls = match &v["ssl"] {
+            serde_json::Value::Null => true,
+            s => s
+                .as_bool()
+                .ok_or_else(|| bad("\"ssl\" must be true or false"))?,
+        };
+        let opt_str = |key: &str| match &v[key] {
+            serde_json::Value::Null => Ok(None),
+            s => s
+                .as_str()
+                .map(|s| Some(s.to_string()))
+                .ok_or_else(|| bad(&format!("\"{key}\" must be a string"))),
+        };
+        let mailbox = opt_str("mailbox")?.unwrap_or_else(|| self.mailbox.clone());
+        if mailbox.is_empty() || !mailbox.bytes().all(|b| (b' '..0x7f).contains(&b)) {
+            return Err(bad("\"mailbox\" must be printable ASCII"));
+        }
+        Ok(Account {
+            server: ImapServer {
+                host: hostname.to_string(),
+                port,
+                tls,
+            },
+            username: opt_str("username")?.unwrap_or_else(|| user.to_string()),
+            mailbox,
+        })
+    }
+}
+
+impl Backend for ImapBackend {
+    type Maildrop = ImapMaildrop;
+
+    fn login(&mut self, user: &str, password: &Secret) -> Result<ImapMaildrop, Error> {
+        let account = self.account(user)?;
+        let client = connect(&account.server, self.timeout)?;
+        let mut session = login(client, &account.username, password)?;
+        match open(
+            &mut session,
+            &account.mailbox,
+            &self.on_dele,
+            self.max_messages,
+        ) {
+            Ok(snapshot) => Ok(ImapMaildrop {
+                session,
+                mailbox: account.mailbox,
+                on_dele: self.on_dele.clone(),
+                snapshot,
+            }),
+            Err(e) => {
+                let _ = session.logout();
+                Err(e)
+            }
+        }
+    }
+}
+
+fn connect(server: &ImapServer, timeout: Duration) -> Result<imap::Client<Stream>, Error> {
+    let where_ = format!("{}:{}", server.host, server.port);
+    let addrs = (server.host.as_str(), server.port)
+        .to_socket_addrs()
+        .map_err(|e| Error::Temp(format!("resolving {where_}: {e}")))?;
+    let mut last = None;
+    let mut tcp = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => {
+                tcp = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let tcp = tcp.ok_or_else(|| {
+        Error::Temp(format!(
+            "connecting to {where_}: {}",
+            last.map_or("no addresses".to_string(), |e| e.to_string())
+        ))
+    })?;
+    let io_err = |e: io::Error| Error::Temp(format!("{where_}: {e}"));
+    tcp.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    tcp.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    tcp.set_nodelay(true).map_err(io_err)?;
+    let stream = if server.tls {
+        let connector = native_tls::TlsConnector::builder()
+            .min_protocol_version(Some(native_tls::Protocol::Tlsv12))
+            .build()
+            .map_err(|e| Error::Temp(format!("TLS setup: {e}")))?;
+        let tls = connector
+            .connect(&server.host, tcp)
+            .map_err(|e| Error::Temp(format!("TLS to {where_}: {e}")))?;
+        Stream::Tls(Box::new(tls))
+    } else {
+        Stream::Plain(tcp)
+    };
+    let mut client = imap::Client::new(stream);
+    let greeting = client.read_greeting().map_err(imap_error)?;
+    if !greeting.starts_with(b"* OK") {
+        return Err(Error::Temp(format!(
+            "{where_} greeted with {}",
+            crate::log::truncated(&greeting)
+        )));
+    }
+    Ok(client)
+}
+
+/// PLAIN carries any bytes; LOGIN's quoted strings are 7-bit only (RFC 3501 §9).
+struct Plain<'a>(&'a str, &'a Secret);
+
+impl imap::Authenticator for Plain<'_> {
+    type Response = Vec<u8>;
+    fn process(&self, _challenge: &[u8]) -> Vec<u8> {
+        let mut r = Vec::with_capacity(self.0.len() + self.1.expose().len() + 2);
+        r.push(0);
+        r.extend_from_slice(self.0.as_bytes());
+        r.push(0);
+        r.extend_from_slice(self.1.expose());
+        r
+    }
+}
+
+fn login(client: imap::Client<Stream>, user: &str, password: &Secret) -> Result<Session, Error> {
+    let pw = password.expose();
+    if user
+        .bytes()
+        .chain(pw.iter().copied())
+        .any(|b| b == b'\r' || b == b'\n' || b == 0)
+    {
+        // The session refuses these first; this is the second lock on the door.
+        return Err(Error::Auth("credentials contain CR, LF or NUL".into()));
+    }
+    let result = match std::str::from_utf8(pw) {
+        Ok(p) if user.is_ascii() && p.is_ascii() => client.login(user, p),
+        _ => client.authenticate("PLAIN", &Plain(user, password)),
+    };
+    result.map_err(|(e, _)| match e {
+        imap::Error::No(no) => classify_no(&no.information),
+        imap::Error::Bad(bad) => Error::Temp(format!("login refused as BAD: {}", bad.information)),
+        e => imap_error(e),
+    })
+}
+
+/// A tagged NO to LOGIN/AUTHENTICATE: RFC 5530 codes say whether it's the credentials.
+/// (imap-proto doesn't parse these codes, so they arrive at the start of the text.)
+fn classify_no(text: &str) -> Error {
+    let detail = text.to_string();
+    let code = text
+        .strip_prefix('[')
+        .and_then(|t| t.split([']', ' ']).next())
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    match code.as_str() {
+        "UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "OVERQUOTA" => Error::Temp(detail),
+        "INUSE" => Error::InUse(detail),
+        _ => Error::Auth(detail),
+    }
+}
+
+fn imap_error(e: imap::Error) -> Error {
+    match e {
+        imap::Error::Io(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            Error::Temp("IMAP server timed out".into())
+        }
+        e => Error::Temp(format!("IMAP: {e}")),
+    }
+}
+
+/// A mailbox name as an IMAP quoted string (names are printable ASCII; checked at startup).
+fn quoted(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// What SELECT/EXAMINE told us.
+struct Selected {
+    exists: u32,
+    uidvalidity: Option<u32>,
+    permanent_flags: Option<Vec<String>>,
+}
+
+fn select(session: &mut Session, cmd: &str, mailbox: &str) -> Result<Selected, Error> {
+    let data = session
+        .run_command_and_read_response(format!("{cmd} {}", quoted(mailbox)))
+        .map_err(|e| match e {
+            imap::Error::No(no) => Error::Perm(format!("{cmd} {mailbox}: {}", no.information)),
+            e => imap_error(e),
+        })?;
+    let mut s = Selected {
+        exists: 0,
+        uidvalidity: None,
+        permanent_flags: None,
+    };
+    for line in data.split(|&b| b == b'\n') {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim_end();
+        if let Some(n) = line
+            .strip_prefix("* ")
+            .and_then(|l| l.strip_suffix(" EXISTS"))
+        {
+            s.exists = n.parse().unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("* OK [UIDVALIDITY ") {
+            s.uidvalidity = rest.split(']').next().and_then(|v| v.parse().ok());
+        } else if let Some(rest) = line.strip_prefix("* OK [PERMANENTFLAGS (") {
+            let flags = rest.split(')').next().unwrap_or("");
+            s.permanent_flags = Some(flags.split_whitespace().map(str::to_string).collect());
+        }
+    }
+    Ok(s)
+}
+
+/// The snapshot taken at login.
+#[derive(Debug)]
+struct Snapshot {
+    uidvalidity: u32,
+    messages: Vec<Message>,
+}
+
+fn open(
+    session: &mut Session,
+    mailbox: &str,
+    on_dele: &OnDele,
+    max: Option<usize>,
+) -> Result<Snapshot, Error> {
+    if let OnDele::Keyword(k) = on_dele {
+        // EXAMINE reports no permanent flags, so ask SELECT whether keywords can be stored.
+        let sel = select(session, "SELECT", mailbox)?;
+        let flags = sel.permanent_flags.unwrap_or_default();
+        if !flags
+            .iter()
+            .any(|f| f == "\\*" || f.eq_ignore_ascii_case(k))
+        {
+            return Err(Error::Perm(format!(
+                "mailbox {mailbox} can't store the keyword {k} (PERMANENTFLAGS: {})",
+                flags.join(" ")
+            )));
+        }
+    }
+    let sel = select(session, "EXAMINE", mailbox)?;
+    let uidvalidity = sel
+        .uidvalidity
+        .ok_or_else(|| Error::Temp(format!("no UIDVALIDITY for {mailbox}")))?;
+    let mut messages = Vec::with_capacity(sel.exists as usize);
+    if sel.exists > 0 {
+        let fetches = session
+            .fetch("1:*", "(UID RFC822.SIZE FLAGS)")
+            .map_err(imap_error)?;
+        for f in fetches.iter() {
+            let (Some(uid), Some(size)) = (f.uid, f.size) else {
+                continue;
+            };
+            let listed = match on_dele {
+                OnDele::Seen => !f.flags().contains(&imap::types::Flag::Seen),
+                OnDele::Keyword(k) => !f.flags().iter().any(|fl| match fl {
+                    imap::types::Flag::Custom(c) => c.eq_ignore_ascii_case(k),
+                    _ => false,
+                }),
+                OnDele::Expunge | OnDele::Move(_) | OnDele::Keep => true,
+            };
+            if listed {
+                messages.push(Message {
+                    uid,
+                    size: u64::from(size),
+                });
+            }
+        }
+    }
+    // Unsolicited FETCH lines (another client changing flags) could repeat a UID.
+    messages.sort_by_key(|m| m.uid);
+    messages.dedup_by_key(|m| m.uid);
+    if let Some(max) = max {
+        messages.truncate(max);
+    }
+    session.take_all_unsolicited().for_each(drop);
+    Ok(Snapshot {
+        uidvalidity,
+        messages,
+    })
+}
+
+pub struct ImapMaildrop {
+    session: Session,
+    mailbox: String,
+    on_dele: OnDele,
+    snapshot: Snapshot,
+}
+
+impl Maildrop for ImapMaildrop {
+    fn uidvalidity(&self) -> u32 {
+        self.snapshot.uidvalidity
+    }
+
+    fn messages(&self) -> &[Message] {
+        &self.snapshot.messages
+    }
+
+    fn fetch(&mut self, uid: u32, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), Error> {
+        let fetches = self
+            .session
+            .uid_fetch(uid.to_string(), format!("BODY.PEEK[]<{offset}.{len}>"))
+            .map_err(|e| match e {
+                imap::Error::No(no) if no.information.contains("EXPUNGEISSUED") => Error::Gone,
+                e => imap_error(e),
+            })?;
+        // Other clients' flag changes arrive as FETCH lines too: pick ours.
+        let ours = fetches
+            .iter()
+            .find(|f| f.uid == Some(uid) && f.body().is_some());
+        let result = match ours {
+            Some(f) => {
+                out.extend_from_slice(f.body().unwrap_or_default());
+                Ok(())
+            }
+            // A partial fetch past the end still answers with an empty body; no answer at all
+            // means the message is gone.
+            None if fetches.iter().any(|f| f.uid == Some(uid)) => Ok(()),
+            None => Err(Error::Gone),
+        };
+        drop(fetches);
+        self.session.take_all_unsolicited().for_each(drop);
+        result
+    }
+
+    fn commit(&mut self, deleted: &[u32]) -> Result<Option<&'static str>, Error> {
+        if self.on_dele == OnDele::Keep {
+            return Ok(None);
+        }
+        let set = uid_set(deleted);
+        let sel = select(&mut self.session, "SELECT", &self.mailbox)?;
+        if sel.uidvalidity != Some(self.snapshot.uidvalidity) {
+            return Err(Error::Temp(format!(
+                "UIDVALIDITY of {} changed during the session; nothing applied to UIDs {set}",
+                self.mailbox
+            )));
+        }
+        let session = &mut self.session;
+        let mut applied: Vec<String> = Vec::new();
+        let mut step = |session: &mut Session, cmd: String| -> Result<(), Error> {
+            match session.run_command_and_check_ok(&cmd) {
+                Ok(()) => {
+                    applied.push(cmd);
+                    Ok(())
+                }
+                Err(e) => Err(Error::Temp(format!(
+                    "{cmd} failed ({e}); applied before it: [{}]",
+                    applied.join("; ")
+                ))),
+            }
+        };
+        let caps = |session: &mut Session| -> Result<(bool, bool), Error> {
+            let c = session.capabilities().map_err(imap_error)?;
+            Ok((c.has_str("UIDPLUS"), c.has_str("MOVE")))
+        };
+        let mut remark = None;
+        match &self.on_dele {
+            OnDele::Keep => {}
+            OnDele::Seen => step(session, format!("UID STORE {set} +FLAGS.SILENT (\\Seen)"))?,
+            OnDele::Keyword(k) => step(session, format!("UID STORE {set} +FLAGS.SILENT ({k})"))?,
+            OnDele::Expunge => {
+                let (uidplus, _) = caps(session)?;
+                step(
+                    session,
+                    format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
+                )?;
+                if uidplus {
+                    step(session, format!("UID EXPUNGE {set}"))?;
+                } else {
+                    // A plain EXPUNGE would also remove other clients' \Deleted mail.
+                    remark =
+                        Some("marked \\Deleted but not expunged: the IMAP server lacks UIDPLUS");
+                }
+            }
+            OnDele::Move(folder) => {
+                let (uidplus, has_move) = caps(session)?;
+                if has_move {
+                    step(session, format!("UID MOVE {set} {}", quoted(folder)))?;
+                } else {
+                    step(session, format!("UID COPY {set} {}", quoted(folder)))?;
+                    step(
+                        session,
+                        format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
+                    )?;
+                    if uidplus {
+                        step(session, format!("UID EXPUNGE {set}"))?;
+                    } else {
+                        remark = Some("copied and marked \\Deleted, not expunged: the IMAP server lacks UIDPLUS");
+                    }
+                }
+            }
+        }
+        crate::log::info(&format!("update applied: [{}]", applied.join("; ")));
+        Ok(remark)
+    }
+
+    fn logout(&mut self) {
+        let _ = self.session.logout();
+    }
+}
+
+/// UIDs (sorted) as a compact IMAP sequence set: `1:3,7,9:12`.
+fn uid_set(uids: &[u32]) -> String {
+    let mut sorted = uids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            end += 1;
+            i += 1;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_sets_are_compact() {
+        assert_eq!(uid_set(&[9, 1, 2, 3, 7, 10, 11, 12]), "1:3,7,9:12");
+        assert_eq!(uid_set(&[5]), "5");
+    }
+
+    #[test]
+    fn login_failures_are_classified_by_response_code() {
+        assert!(matches!(
+            classify_no("[AUTHENTICATIONFAILED] Authentication failed."),
+            Error::Auth(_)
+        ));
+        assert!(matches!(
+            classify_no("[UNAVAILABLE] Try later"),
+            Error::Temp(_)
+        ));
+        assert!(matches!(classify_no("[INUSE] locked"), Error::InUse(_)));
+        assert!(matches!(classify_no("Login failed"), Error::Auth(_)));
+    }
+}

@@ -1,0 +1,106 @@
+//! aiopopd: one POP3 session per process, proxied to one IMAP session.
+//!
+//! `main` is the one place that reports fatal errors and picks the exit code. It wires the
+//! parts together: configuration, logging, the client connection, the IMAP backend, the session.
+#![deny(unsafe_code)]
+
+mod config;
+mod conn;
+mod fd;
+mod imap;
+mod log;
+mod maildrop;
+mod pop3;
+mod session;
+mod uidl;
+
+use config::{Action, Config};
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+fn main() -> ExitCode {
+    // Fd 2 is often the client socket: a panic message must go to the log, never there.
+    std::panic::set_hook(Box::new(|info| {
+        log::error(&format!("internal error (please report): {info}"));
+    }));
+    match config::parse(std::env::args_os().skip(1).collect()) {
+        Ok(Action::Help) => {
+            print!("{}", config::USAGE);
+            ExitCode::SUCCESS
+        }
+        Ok(Action::Version) => {
+            println!("aiopopd {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Ok(Action::Serve(config)) => run(*config),
+        Err(msg) => refuse(&msg),
+    }
+}
+
+/// A bad command line: say so in the log, on stderr if that is safe, and to the client (if
+/// there is one) as a POP3 error rather than silence.
+fn refuse(msg: &str) -> ExitCode {
+    let conn = conn::RawConn::from_environment(Duration::from_secs(10));
+    let stderr_safe = conn
+        .as_ref()
+        .map_or(true, |c| fd::stderr_is_safe(c.client_fd()));
+    log::init(log::Target::Syslog, false, false);
+    log::error(&format!("configuration error: {msg}"));
+    if stderr_safe {
+        eprintln!("aiopopd: {msg}\n(see aiopopd --help)");
+    }
+    if let Ok(mut c) = conn {
+        if c.is_socket() {
+            let _ =
+                c.write_all(b"-ERR [SYS/PERM] aiopopd is misconfigured; see the server log.\r\n");
+        }
+    }
+    ExitCode::from(2)
+}
+
+fn run(config: Config) -> ExitCode {
+    let started = Instant::now();
+    let raw = match conn::RawConn::from_environment(config.timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            log::init(config.log_target, false, config.verbose);
+            log::error(&format!("can't use the client connection: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    log::init(
+        config.log_target,
+        fd::stderr_is_safe(raw.client_fd()),
+        config.verbose,
+    );
+    log::set_peer(raw.peer_name());
+    log::debug(&format!("connection from {}", log::peer()));
+
+    let backend = imap::ImapBackend {
+        source: config.source.clone(),
+        mailbox: config.mailbox.clone(),
+        on_dele: config.on_dele.clone(),
+        max_messages: config.max_messages,
+        timeout: config.imap_timeout,
+    };
+    let settings = session::Settings {
+        hostname: config.hostname.clone(),
+        allow_plaintext_auth: config.allow_plaintext_auth,
+        uidl_format: config.uidl_format.clone(),
+    };
+    let mut peer = conn::Conn::new(raw, false);
+    let summary = session::Session::new(backend, settings).run(&mut peer);
+    log::info(&format!(
+        "session end: rip={} user={} listed={} retrieved={} deleted={} bytes={} duration={:.3}s outcome={}",
+        log::peer(),
+        summary.user.as_deref().unwrap_or("-"),
+        summary.listed,
+        summary.retrieved,
+        summary.deleted,
+        summary.bytes,
+        started.elapsed().as_secs_f64(),
+        summary.outcome,
+    ));
+    ExitCode::SUCCESS
+}

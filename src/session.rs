@@ -1,0 +1,877 @@
+//! The POP3 state machine (RFC 1939, 2449, 3206) over a [`Backend`]: AUTHORIZATION, then
+//! TRANSACTION on a fixed snapshot, then UPDATE on QUIT.
+//!
+//! It reads command lines from and writes replies to a [`Peer`]; it knows nothing of sockets,
+//! TLS or IMAP. DELE only marks: the maildrop is changed in one place, `update`, after QUIT.
+
+use crate::log;
+use crate::maildrop::{Backend, Error, Maildrop, Message};
+use crate::pop3::{Command, DotStuffer, MsgNo, ParseError, Secret};
+use crate::uidl::UidlFormat;
+use std::io::{self, Write};
+
+/// Octets asked of the backend per round trip for RETR: big enough that a typical message is one
+/// round trip, small enough that memory stays bounded whatever the message size.
+pub const RETR_CHUNK: u64 = 1 << 20;
+/// TOP usually wants a few KB of header: ask for less first, then continue in RETR_CHUNKs.
+pub const TOP_FIRST_CHUNK: u64 = 64 << 10;
+/// Bad commands before login tolerated before we hang up (Dovecot-style budget).
+pub const MAX_BAD_COMMANDS: u32 = 3;
+/// Failed logins on one connection before we hang up.
+pub const MAX_FAILED_LOGINS: u32 = 3;
+
+/// What the session reads from: whole lines, with the over-long ones already discarded.
+pub enum Line {
+    /// A command line without its line end.
+    Command(Vec<u8>),
+    /// A line longer than allowed; it was discarded through its end.
+    TooLong,
+    /// The client closed the connection (a partial last line is dropped).
+    Eof,
+}
+
+/// The client side of the session. Output written to it may be buffered; `read_line` flushes
+/// it before it waits for input, so pipelined commands get their replies in batches.
+pub trait Peer: Write {
+    fn read_line(&mut self) -> io::Result<Line>;
+    /// True when the connection is encrypted (credentials may cross it).
+    fn is_secure(&self) -> bool;
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub hostname: String,
+    pub allow_plaintext_auth: bool,
+    pub uidl_format: UidlFormat,
+}
+
+/// What happened, for the one summary line logged per session.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub user: Option<String>,
+    pub listed: usize,
+    pub retrieved: usize,
+    pub deleted: usize,
+    pub bytes: u64,
+    pub outcome: &'static str,
+}
+
+enum State<M> {
+    Authorization { user: Option<String> },
+    Transaction(Transaction<M>),
+}
+
+struct Transaction<M> {
+    drop: M,
+    deleted: Vec<bool>,
+}
+
+/// How a command handler leaves the session.
+enum Next<M> {
+    Continue(State<M>),
+    /// Close the connection; the outcome goes to the summary.
+    End(&'static str),
+}
+
+pub struct Session<B: Backend> {
+    backend: B,
+    settings: Settings,
+    summary: Summary,
+    bad_commands: u32,
+    failed_logins: u32,
+}
+
+impl<B: Backend> Session<B> {
+    pub fn new(backend: B, settings: Settings) -> Session<B> {
+        Session {
+            backend,
+            settings,
+            summary: Summary::default(),
+            bad_commands: 0,
+            failed_logins: 0,
+        }
+    }
+
+    /// Serves the whole session. Returns the summary; I/O errors towards the client end the
+    /// session quietly (the client is gone), with nothing changed on the server.
+    pub fn run<P: Peer>(mut self, peer: &mut P) -> Summary {
+        let outcome = match self.serve(peer) {
+            Ok(outcome) => outcome,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                // Best effort: the client may be gone already.
+                let _ = reply(peer, false, "Autologout; idle for too long.");
+                let _ = peer.flush();
+                "timeout"
+            }
+            Err(_) => "client-gone",
+        };
+        self.summary.outcome = outcome;
+        self.summary
+    }
+
+    fn serve<P: Peer>(&mut self, peer: &mut P) -> io::Result<&'static str> {
+        let greeting = format!("{} POP3 proxy ready.", self.settings.hostname);
+        reply(peer, true, &greeting)?;
+        let mut state = State::Authorization { user: None };
+        loop {
+            let line = match peer.read_line() {
+                Ok(Line::Command(line)) => line,
+                Ok(Line::TooLong) => {
+                    state = match self.bad(peer, "Line too long.", state)? {
+                        Next::Continue(s) => s,
+                        Next::End(outcome) => return Ok(outcome),
+                    };
+                    continue;
+                }
+                Ok(Line::Eof) => {
+                    self.abandon(state);
+                    return Ok("client-gone");
+                }
+                Err(e) => {
+                    self.abandon(state);
+                    return Err(e);
+                }
+            };
+            let next = match Command::parse(&line) {
+                Err(e) => {
+                    if e == ParseError::Unknown {
+                        log::debug(&format!("unknown command {}", log::truncated(&line)));
+                    }
+                    self.bad(peer, e.reply_text(), state)
+                }
+                Ok(cmd) => match state {
+                    State::Authorization { user } => self.authorization(peer, user, cmd),
+                    State::Transaction(t) => self.transaction(peer, t, cmd),
+                },
+            }?;
+            match next {
+                Next::Continue(s) => state = s,
+                Next::End(outcome) => {
+                    peer.flush()?;
+                    return Ok(outcome);
+                }
+            }
+        }
+    }
+
+    /// Refuses a bad command. Before login they count against a small budget, so a client that
+    /// speaks something other than POP3 (or probes us) is soon disconnected.
+    fn bad<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        text: &str,
+        state: State<B::Maildrop>,
+    ) -> io::Result<Next<B::Maildrop>> {
+        reply(peer, false, text)?;
+        if matches!(state, State::Authorization { .. }) {
+            self.bad_commands += 1;
+            if self.bad_commands >= MAX_BAD_COMMANDS {
+                reply(peer, false, "Too many bad commands; closing.")?;
+                peer.flush()?;
+                self.abandon(state);
+                return Ok(Next::End("too-many-bad-commands"));
+            }
+        }
+        Ok(Next::Continue(state))
+    }
+
+    /// The session ends without QUIT: nothing changes on the server.
+    fn abandon(&mut self, state: State<B::Maildrop>) {
+        if let State::Transaction(mut t) = state {
+            t.drop.logout();
+        }
+    }
+
+    fn authorization<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        user: Option<String>,
+        cmd: Command,
+    ) -> io::Result<Next<B::Maildrop>> {
+        let same = |user| Ok(Next::Continue(State::Authorization { user }));
+        match cmd {
+            Command::Capa => {
+                self.capa(peer)?;
+                same(user)
+            }
+            Command::Quit => {
+                reply(peer, true, "Bye.")?;
+                Ok(Next::End("quit-before-login"))
+            }
+            Command::Noop => {
+                reply(peer, true, "")?;
+                same(user)
+            }
+            Command::User(name) => {
+                if !self.auth_allowed(peer) {
+                    reply(
+                        peer,
+                        false,
+                        "[AUTH] Plaintext authentication is not allowed without TLS.",
+                    )?;
+                    return same(None);
+                }
+                match String::from_utf8(name) {
+                    Ok(name) if name.bytes().all(|b| b > b' ' && b != 0x7f) => {
+                        reply(peer, true, "Send your password.")?;
+                        same(Some(name))
+                    }
+                    _ => {
+                        reply(peer, false, "[AUTH] Invalid user name.")?;
+                        same(None)
+                    }
+                }
+            }
+            Command::Pass(password) => match user {
+                None => self.bad(
+                    peer,
+                    "Send USER first.",
+                    State::Authorization { user: None },
+                ),
+                Some(_) if !self.auth_allowed(peer) => {
+                    reply(
+                        peer,
+                        false,
+                        "[AUTH] Plaintext authentication is not allowed without TLS.",
+                    )?;
+                    same(None)
+                }
+                Some(user) => self.login(peer, user, password),
+            },
+            Command::Apop => {
+                reply(peer, false, "APOP is not supported; use USER and PASS.")?;
+                same(user)
+            }
+            Command::Stls => {
+                reply(peer, false, "STLS is not available.")?;
+                same(user)
+            }
+            _ => self.bad(peer, "Log in first.", State::Authorization { user }),
+        }
+    }
+
+    fn auth_allowed<P: Peer>(&self, peer: &P) -> bool {
+        peer.is_secure() || self.settings.allow_plaintext_auth
+    }
+
+    fn login<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        user: String,
+        password: Secret,
+    ) -> io::Result<Next<B::Maildrop>> {
+        // Bytes that would end or split an IMAP command never leave this process.
+        if password
+            .expose()
+            .iter()
+            .any(|&b| b == b'\r' || b == b'\n' || b == 0)
+        {
+            log::login_failed(&user, "password contains CR, LF or NUL");
+            return self.login_failed(peer, "[AUTH] Authentication failed.");
+        }
+        match self.backend.login(&user, &password) {
+            Ok(drop) => {
+                let n = drop.messages().len();
+                self.summary.user = Some(user.clone());
+                self.summary.listed = n;
+                log::info(&format!("user={user} logged in, {n} messages listed"));
+                reply(peer, true, &format!("Logged in, {n} messages."))?;
+                Ok(Next::Continue(State::Transaction(Transaction {
+                    drop,
+                    deleted: vec![false; n],
+                })))
+            }
+            Err(e) => {
+                let text = match &e {
+                    Error::Auth(_) => {
+                        log::login_failed(&user, &e.to_string());
+                        "[AUTH] Authentication failed."
+                    }
+                    Error::InUse(_) => {
+                        log::warning(&format!("user={user} login: {e}"));
+                        "[IN-USE] Mailbox is in use; try again later."
+                    }
+                    Error::Perm(_) => {
+                        log::error(&format!("user={user} login: {e}"));
+                        "[SYS/PERM] The mailbox can't be served; tell the administrator."
+                    }
+                    Error::Temp(_) | Error::Gone => {
+                        log::error(&format!("user={user} login: {e}"));
+                        "[SYS/TEMP] Account is temporarily unavailable; try again later."
+                    }
+                };
+                self.login_failed(peer, text)
+            }
+        }
+    }
+
+    fn login_failed<P: Peer>(&mut self, peer: &mut P, text: &str) -> io::Result<Next<B::Maildrop>> {
+        reply(peer, false, text)?;
+        self.failed_logins += 1;
+        if self.failed_logins >= MAX_FAILED_LOGINS {
+            reply(peer, false, "Too many failed logins; closing.")?;
+            return Ok(Next::End("too-many-failed-logins"));
+        }
+        Ok(Next::Continue(State::Authorization { user: None }))
+    }
+
+    fn capa<P: Peer>(&self, peer: &mut P) -> io::Result<()> {
+        let mut caps = String::from("+OK Capability list follows\r\n");
+        caps.push_str("TOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
+        if self.auth_allowed(peer) {
+            caps.push_str("USER\r\n");
+        }
+        caps.push_str(concat!(
+            "IMPLEMENTATION aiopopd ",
+            env!("CARGO_PKG_VERSION"),
+            "\r\n.\r\n"
+        ));
+        peer.write_all(caps.as_bytes())
+    }
+
+    fn transaction<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        mut t: Transaction<B::Maildrop>,
+        cmd: Command,
+    ) -> io::Result<Next<B::Maildrop>> {
+        match cmd {
+            Command::Stat => {
+                let (n, size) = t
+                    .live()
+                    .fold((0u64, 0u64), |(n, s), (_, m)| (n + 1, s + m.size));
+                reply(peer, true, &format!("{n} {size}"))?;
+            }
+            Command::List(None) => {
+                let mut out = String::from("+OK Scan list follows\r\n");
+                for (no, m) in t.live() {
+                    out.push_str(&format!("{no} {}\r\n", m.size));
+                }
+                out.push_str(".\r\n");
+                peer.write_all(out.as_bytes())?;
+            }
+            Command::Uidl(None) => {
+                let v = t.drop.uidvalidity();
+                let mut out = String::from("+OK Unique-ID listing follows\r\n");
+                for (no, m) in t.live() {
+                    out.push_str(&format!(
+                        "{no} {}\r\n",
+                        self.settings.uidl_format.format(m.uid, v)
+                    ));
+                }
+                out.push_str(".\r\n");
+                peer.write_all(out.as_bytes())?;
+            }
+            Command::List(Some(no)) => match t.get(no) {
+                Ok(m) => reply(peer, true, &format!("{no} {}", m.size))?,
+                Err(text) => reply(peer, false, text)?,
+            },
+            Command::Uidl(Some(no)) => match t.get(no) {
+                Ok(m) => {
+                    let uidl = self
+                        .settings
+                        .uidl_format
+                        .format(m.uid, t.drop.uidvalidity());
+                    reply(peer, true, &format!("{no} {uidl}"))?
+                }
+                Err(text) => reply(peer, false, text)?,
+            },
+            Command::Retr(no) => return self.send_message(peer, t, no, None),
+            Command::Top(no, lines) => return self.send_message(peer, t, no, Some(lines)),
+            Command::Dele(no) => match t.get(no) {
+                Ok(_) => {
+                    t.deleted[no as usize - 1] = true;
+                    reply(peer, true, "Marked to be deleted.")?
+                }
+                Err(text) => reply(peer, false, text)?,
+            },
+            Command::Noop => reply(peer, true, "")?,
+            Command::Rset => {
+                t.deleted.iter_mut().for_each(|d| *d = false);
+                let n = t.deleted.len();
+                reply(peer, true, &format!("{n} messages"))?
+            }
+            Command::Capa => self.capa(peer)?,
+            Command::Quit => return self.update(peer, t),
+            Command::User(_) | Command::Pass(_) | Command::Apop => {
+                reply(peer, false, "Already logged in.")?
+            }
+            Command::Stls => reply(peer, false, "STLS is only allowed before login.")?,
+        }
+        Ok(Next::Continue(State::Transaction(t)))
+    }
+
+    /// RETR and TOP: stream the message in chunks as the backend serves them. The first chunk is
+    /// fetched before `+OK`, so a message that vanished gets a clean `-ERR`; a failure after `+OK`
+    /// ends the session without the terminating `.`, so the client can't take a truncated message
+    /// for a whole one.
+    fn send_message<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        mut t: Transaction<B::Maildrop>,
+        no: MsgNo,
+        top: Option<u64>,
+    ) -> io::Result<Next<B::Maildrop>> {
+        let m = match t.get(no) {
+            Ok(m) => *m,
+            Err(text) => {
+                reply(peer, false, text)?;
+                return Ok(Next::Continue(State::Transaction(t)));
+            }
+        };
+        let mut want = if top.is_some() {
+            TOP_FIRST_CHUNK
+        } else {
+            RETR_CHUNK
+        };
+        let mut chunk = Vec::new();
+        match t.drop.fetch(m.uid, 0, want, &mut chunk) {
+            Ok(()) => {}
+            Err(Error::Gone) => {
+                reply(peer, false, "That message was deleted by another client.")?;
+                return Ok(Next::Continue(State::Transaction(t)));
+            }
+            Err(e) => {
+                log::error(&format!("fetching uid {}: {e}", m.uid));
+                reply(
+                    peer,
+                    false,
+                    "[SYS/TEMP] The mail server failed; try again later.",
+                )?;
+                self.abandon(State::Transaction(t));
+                return Ok(Next::End("imap-failed"));
+            }
+        }
+        match top {
+            None => reply(peer, true, &format!("{} octets", m.size))?,
+            Some(_) => reply(peer, true, "Top of message follows.")?,
+        }
+        let mut stuffer = top.map_or_else(DotStuffer::new, DotStuffer::top);
+        let mut out = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            stuffer.push(&chunk, &mut out);
+            peer.write_all(&out)?;
+            self.summary.bytes += out.len() as u64;
+            out.clear();
+            offset += chunk.len() as u64;
+            if (chunk.len() as u64) < want || stuffer.is_done() {
+                break;
+            }
+            chunk.clear();
+            want = RETR_CHUNK;
+            if let Err(e) = t.drop.fetch(m.uid, offset, want, &mut chunk) {
+                log::error(&format!(
+                    "fetching uid {} at offset {offset}: {e}; message left unterminated",
+                    m.uid
+                ));
+                self.abandon(State::Transaction(t));
+                return Ok(Next::End("imap-failed-mid-message"));
+            }
+        }
+        stuffer.finish(&mut out);
+        peer.write_all(&out)?;
+        if top.is_none() {
+            self.summary.retrieved += 1;
+        }
+        Ok(Next::Continue(State::Transaction(t)))
+    }
+
+    /// QUIT in TRANSACTION: apply the deletions, then say goodbye.
+    fn update<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        mut t: Transaction<B::Maildrop>,
+    ) -> io::Result<Next<B::Maildrop>> {
+        let uids: Vec<u32> = t
+            .drop
+            .messages()
+            .iter()
+            .zip(&t.deleted)
+            .filter(|(_, &d)| d)
+            .map(|(m, _)| m.uid)
+            .collect();
+        let result = if uids.is_empty() {
+            Ok(None)
+        } else {
+            t.drop.commit(&uids)
+        };
+        t.drop.logout();
+        match result {
+            Ok(remark) => {
+                self.summary.deleted = uids.len();
+                let mut text = format!("{} POP3 proxy signing off", self.settings.hostname);
+                if let Some(r) = remark {
+                    text.push_str(" (");
+                    text.push_str(r);
+                    text.push(')');
+                }
+                text.push('.');
+                reply(peer, true, &text)?;
+                Ok(Next::End("quit"))
+            }
+            Err(e) => {
+                log::error(&format!("update failed: {e}"));
+                reply(
+                    peer,
+                    false,
+                    "[SYS/TEMP] Some deleted messages were not removed.",
+                )?;
+                Ok(Next::End("update-failed"))
+            }
+        }
+    }
+}
+
+impl<M: Maildrop> Transaction<M> {
+    /// The messages not marked deleted, with their message numbers.
+    fn live(&self) -> impl Iterator<Item = (usize, &Message)> {
+        self.drop
+            .messages()
+            .iter()
+            .zip(&self.deleted)
+            .enumerate()
+            .filter(|(_, (_, &d))| !d)
+            .map(|(i, (m, _))| (i + 1, m))
+    }
+
+    fn get(&self, no: MsgNo) -> Result<&Message, &'static str> {
+        let i = no as usize - 1;
+        match self.drop.messages().get(i) {
+            None => Err("No such message."),
+            Some(_) if self.deleted[i] => Err("That message is marked deleted."),
+            Some(m) => Ok(m),
+        }
+    }
+}
+
+/// A one-line reply. `text` is always ours: never an IMAP line or an error's text.
+fn reply<W: Write>(w: &mut W, ok: bool, text: &str) -> io::Result<()> {
+    let status = if ok { "+OK" } else { "-ERR" };
+    if text.is_empty() {
+        write!(w, "{status}\r\n")
+    } else {
+        write!(w, "{status} {text}\r\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// An in-memory maildrop: messages by UID, with scripted failures.
+    #[derive(Default, Clone)]
+    struct Fake {
+        messages: Vec<(u32, Vec<u8>)>,
+        password: &'static str,
+        /// Fail the fetch at this offset (after `+OK` when > 0).
+        fail_at: Option<u64>,
+        gone: Vec<u32>,
+        commits: std::rc::Rc<std::cell::RefCell<Vec<Vec<u32>>>>,
+        commit_fails: bool,
+    }
+
+    impl Backend for Fake {
+        type Maildrop = Fake;
+        fn login(&mut self, user: &str, password: &Secret) -> Result<Fake, Error> {
+            match (user, password.expose()) {
+                ("down", _) => Err(Error::Temp("connection refused".into())),
+                (_, p) if p == self.password.as_bytes() => Ok(self.clone()),
+                _ => Err(Error::Auth("bad password".into())),
+            }
+        }
+    }
+
+    impl Maildrop for Fake {
+        fn uidvalidity(&self) -> u32 {
+            0x1234
+        }
+        fn messages(&self) -> &[Message] {
+            // Leak is fine in a test: a stable slice derived from the messages.
+            Box::leak(
+                self.messages
+                    .iter()
+                    .map(|(uid, m)| Message {
+                        uid: *uid,
+                        size: m.len() as u64,
+                    })
+                    .collect::<Vec<_>>()
+                    .into_boxed_slice(),
+            )
+        }
+        fn fetch(&mut self, uid: u32, off: u64, len: u64, out: &mut Vec<u8>) -> Result<(), Error> {
+            if self.gone.contains(&uid) {
+                return Err(Error::Gone);
+            }
+            if self.fail_at == Some(off) {
+                return Err(Error::Temp("connection lost".into()));
+            }
+            let m = &self.messages.iter().find(|(u, _)| *u == uid).unwrap().1;
+            let start = (off as usize).min(m.len());
+            let end = (start + len as usize).min(m.len());
+            out.extend_from_slice(&m[start..end]);
+            Ok(())
+        }
+        fn commit(&mut self, deleted: &[u32]) -> Result<Option<&'static str>, Error> {
+            if self.commit_fails {
+                return Err(Error::Temp("BYE".into()));
+            }
+            self.commits.borrow_mut().push(deleted.to_vec());
+            Ok(None)
+        }
+        fn logout(&mut self) {}
+    }
+
+    struct Pipe {
+        input: VecDeque<u8>,
+        output: Vec<u8>,
+        secure: bool,
+    }
+
+    impl Write for Pipe {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Peer for Pipe {
+        fn read_line(&mut self) -> io::Result<Line> {
+            match self.input.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    let mut l: Vec<u8> = self.input.drain(..=i).collect();
+                    l.pop();
+                    if l.last() == Some(&b'\r') {
+                        l.pop();
+                    }
+                    Ok(Line::Command(l))
+                }
+                None => Ok(Line::Eof),
+            }
+        }
+        fn is_secure(&self) -> bool {
+            self.secure
+        }
+    }
+
+    fn fake() -> Fake {
+        Fake {
+            messages: vec![
+                (3, b"Subject: a\r\n\r\nbody\r\n.dot\r\n".to_vec()),
+                (7, b"Subject: b\n\nbare\nlf".to_vec()),
+                (9, vec![b'x'; 3 * RETR_CHUNK as usize + 5]),
+            ],
+            password: "pw",
+            ..Fake::default()
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            hostname: "pop.test".into(),
+            allow_plaintext_auth: true,
+            uidl_format: UidlFormat::default(),
+        }
+    }
+
+    fn run_with(backend: Fake, settings: Settings, script: &str) -> (String, Summary) {
+        let mut pipe = Pipe {
+            input: script.bytes().collect(),
+            output: Vec::new(),
+            secure: false,
+        };
+        let summary = Session::new(backend, settings).run(&mut pipe);
+        (String::from_utf8_lossy(&pipe.output).into_owned(), summary)
+    }
+
+    fn run(script: &str) -> String {
+        run_with(fake(), settings(), script).0
+    }
+
+    /// Replies only, one string per reply line (multi-line bodies elided).
+    fn transcript(out: &str) -> Vec<&str> {
+        out.split("\r\n")
+            .filter(|l| l.starts_with("+OK") || l.starts_with("-ERR"))
+            .collect()
+    }
+
+    const LOGIN: &str = "USER u\r\nPASS pw\r\n";
+
+    #[test]
+    fn greeting_login_stat_list_uidl_quit() {
+        let out = run(&format!(
+            "{LOGIN}STAT\r\nLIST\r\nUIDL 2\r\nLIST 3\r\nQUIT\r\n"
+        ));
+        let size = 3 * RETR_CHUNK + 5;
+        assert_eq!(
+            out,
+            format!(
+                "+OK pop.test POP3 proxy ready.\r\n+OK Send your password.\r\n\
+                 +OK Logged in, 3 messages.\r\n+OK 3 {}\r\n\
+                 +OK Scan list follows\r\n1 26\r\n2 19\r\n3 {size}\r\n.\r\n\
+                 +OK 2 0000000700001234\r\n+OK 3 {size}\r\n\
+                 +OK pop.test POP3 proxy signing off.\r\n",
+                26 + 19 + size
+            )
+        );
+    }
+
+    #[test]
+    fn retr_is_dot_stuffed_with_crlf() {
+        let out = run(&format!("{LOGIN}RETR 1\r\nRETR 2\r\nTOP 1 0\r\n"));
+        assert!(out.contains(
+            "+OK 26 octets\r\nSubject: a\r\n\r\nbody\r\n..dot\r\n.\r\n\
+             +OK 19 octets\r\nSubject: b\r\n\r\nbare\r\nlf\r\n.\r\n\
+             +OK Top of message follows.\r\nSubject: a\r\n\r\n.\r\n"
+        ));
+    }
+
+    #[test]
+    fn large_messages_stream_in_chunks_and_arrive_whole() {
+        let (out, summary) = run_with(fake(), settings(), &format!("{LOGIN}RETR 3\r\nQUIT\r\n"));
+        let body = "x".repeat(3 * RETR_CHUNK as usize + 5);
+        assert!(out.contains(&format!("octets\r\n{body}\r\n.\r\n")));
+        assert_eq!(summary.retrieved, 1);
+    }
+
+    #[test]
+    fn failure_mid_message_never_sends_the_terminator() {
+        let mut f = fake();
+        f.fail_at = Some(RETR_CHUNK);
+        let (out, summary) = run_with(f, settings(), &format!("{LOGIN}RETR 3\r\nNOOP\r\n"));
+        assert!(
+            out.ends_with(&"x".repeat(100)),
+            "no terminator, nothing after"
+        );
+        assert_eq!(summary.outcome, "imap-failed-mid-message");
+    }
+
+    #[test]
+    fn failure_before_the_first_octet_is_a_clean_error() {
+        let mut f = fake();
+        f.fail_at = Some(0);
+        let (out, _) = run_with(f, settings(), &format!("{LOGIN}RETR 1\r\nNOOP\r\n"));
+        assert!(out.ends_with("-ERR [SYS/TEMP] The mail server failed; try again later.\r\n"));
+    }
+
+    #[test]
+    fn a_message_removed_elsewhere_gives_err_and_the_session_goes_on() {
+        let mut f = fake();
+        f.gone = vec![7];
+        let out = run_with(f, settings(), &format!("{LOGIN}RETR 2\r\nNOOP\r\n")).0;
+        assert_eq!(
+            transcript(&out)[3..],
+            ["-ERR That message was deleted by another client.", "+OK"]
+        );
+    }
+
+    #[test]
+    fn dele_marks_and_only_quit_commits() {
+        let f = fake();
+        let commits = f.commits.clone();
+        let script =
+            format!("{LOGIN}DELE 1\r\nDELE 1\r\nRETR 1\r\nSTAT\r\nLIST\r\nDELE 3\r\nQUIT\r\n");
+        let (out, summary) = run_with(f, settings(), &script);
+        let t = transcript(&out);
+        assert_eq!(t[4], "-ERR That message is marked deleted.");
+        assert_eq!(t[5], "-ERR That message is marked deleted.");
+        assert_eq!(t[6], format!("+OK 2 {}", 19 + 3 * RETR_CHUNK + 5));
+        assert!(out.contains("+OK Scan list follows\r\n2 19\r\n3 "));
+        assert_eq!(*commits.borrow(), vec![vec![3, 9]]);
+        assert_eq!(summary.deleted, 2);
+    }
+
+    #[test]
+    fn rset_and_eof_change_nothing() {
+        let f = fake();
+        let commits = f.commits.clone();
+        run_with(
+            f.clone(),
+            settings(),
+            &format!("{LOGIN}DELE 1\r\nRSET\r\nQUIT\r\n"),
+        );
+        run_with(f, settings(), &format!("{LOGIN}DELE 1\r\nDELE 2\r\n"));
+        assert!(commits.borrow().is_empty());
+    }
+
+    #[test]
+    fn failed_update_is_an_err() {
+        let mut f = fake();
+        f.commit_fails = true;
+        let out = run_with(f, settings(), &format!("{LOGIN}DELE 1\r\nQUIT\r\n")).0;
+        assert!(out.ends_with("-ERR [SYS/TEMP] Some deleted messages were not removed.\r\n"));
+    }
+
+    #[test]
+    fn auth_errors_carry_response_codes() {
+        let out = run("USER u\r\nPASS wrong\r\nUSER down\r\nPASS x\r\nPASS pw\r\n");
+        assert_eq!(
+            transcript(&out)[1..],
+            [
+                "+OK Send your password.",
+                "-ERR [AUTH] Authentication failed.",
+                "+OK Send your password.",
+                "-ERR [SYS/TEMP] Account is temporarily unavailable; try again later.",
+                "-ERR Send USER first.",
+            ]
+        );
+    }
+
+    #[test]
+    fn plaintext_auth_is_refused_unless_allowed() {
+        let s = Settings {
+            allow_plaintext_auth: false,
+            ..settings()
+        };
+        let (out, summary) = run_with(fake(), s, &format!("CAPA\r\n{LOGIN}"));
+        assert!(!out.contains("\r\nUSER\r\n"));
+        assert!(out.contains("-ERR [AUTH] Plaintext authentication is not allowed without TLS."));
+        assert!(summary.user.is_none());
+    }
+
+    #[test]
+    fn passwords_with_cr_or_nul_never_reach_the_backend() {
+        let out = run("USER u\r\nPASS p\rw\r\nUSER u\r\nPASS p\0w\r\n");
+        assert_eq!(
+            transcript(&out)
+                .iter()
+                .filter(|l| l.contains("[AUTH]"))
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn bad_commands_before_login_are_budgeted() {
+        let (out, summary) = run_with(fake(), settings(), "FOO\r\nSTAT\r\nRETR x\r\nNOOP\r\n");
+        assert_eq!(
+            transcript(&out)[1..],
+            [
+                "-ERR Unknown command.",
+                "-ERR Log in first.",
+                "-ERR Invalid message number.",
+                "-ERR Too many bad commands; closing.",
+            ]
+        );
+        assert_eq!(summary.outcome, "too-many-bad-commands");
+    }
+
+    #[test]
+    fn capa_lists_the_extensions() {
+        let out = run("CAPA\r\n");
+        assert!(out.contains(
+            "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n\
+             PIPELINING\r\nUSER\r\nIMPLEMENTATION aiopopd "
+        ));
+    }
+
+    #[test]
+    fn every_complete_command_before_eof_is_answered() {
+        let out = run(&format!("{LOGIN}{}", "NOOP\r\n".repeat(1000)));
+        assert_eq!(transcript(&out).len(), 3 + 1000);
+    }
+}
