@@ -55,6 +55,11 @@ impl RawConn {
         Ok(conn)
     }
 
+    /// A person at a terminal (someone trying the command by hand), not a POP3 client.
+    pub fn is_terminal(&self) -> bool {
+        std::io::IsTerminal::is_terminal(&self.write)
+    }
+
     pub fn is_socket(&self) -> bool {
         fd::is_socket(self.write.as_fd())
     }

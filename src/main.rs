@@ -51,7 +51,7 @@ fn refuse(msg: &str) -> ExitCode {
         eprintln!("aiopopd: {msg}\n(see aiopopd --help)");
     }
     if let Ok(mut c) = conn {
-        if c.is_socket() {
+        if !c.is_terminal() {
             let _ =
                 c.write_all(b"-ERR [SYS/PERM] aiopopd is misconfigured; see the server log.\r\n");
         }

@@ -1,0 +1,2 @@
+pub mod dovecot;
+pub mod pop3;

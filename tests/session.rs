@@ -1,0 +1,427 @@
+//! The aiopopd binary on a scripted stdin (as xinetd runs it) against a private Dovecot: every
+//! command, every --on-dele action, and the failures a user meets. Replies are compared with
+//! what Dovecot serves over IMAP, never with aiopopd's own output.
+
+mod common;
+
+use common::dovecot::Dovecot;
+use common::pop3::{expected_retr, expected_top, replies, session, Reply};
+
+const LOGIN: &str = "USER alice\r\nPASS alice-pw\r\n";
+
+/// Messages with every shape that has bitten POP3 servers.
+fn corpus() -> Vec<Vec<u8>> {
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    let mut i = 0;
+    while big.len() < 3 * 1024 * 1024 + 12345 {
+        let line = if i % 7 == 0 {
+            format!(".line {i} starts with a dot\r\n")
+        } else {
+            format!("line {i} {}\r\n", "z".repeat(60))
+        };
+        big.extend_from_slice(line.as_bytes());
+        i += 1;
+    }
+    vec![
+        b"Subject: dots\r\n\r\n.starts with a dot\r\n..two dots\r\n.\r\nafter a lone dot\r\n".to_vec(),
+        b"Subject: bare LF\n\nline one\nline two\n".to_vec(),
+        b"Subject: no final newline\r\n\r\nlast line".to_vec(),
+        b"Subject: 8bit\r\nContent-Type: text/plain; charset=latin1\r\n\r\ncaf\xe9 \xff\xfe\x80\r\n".to_vec(),
+        [&b"Subject: long line\r\n\r\n"[..], &[b'a'; 5000], b"\r\nshort\r\n"].concat(),
+        b"Subject: empty body\r\n\r\n".to_vec(),
+        big,
+    ]
+}
+
+fn dovecot_with(messages: &[Vec<u8>]) -> Dovecot {
+    let d = Dovecot::start();
+    for m in messages {
+        d.deliver("alice", "INBOX", m);
+    }
+    d
+}
+
+fn run(d: &Dovecot, extra: &[&str], script: &str) -> Vec<Reply> {
+    let r = session(d, extra, script);
+    replies(&r.stdout, script)
+}
+
+#[test]
+fn retr_top_list_uidl_match_what_dovecot_serves() {
+    let d = dovecot_with(&corpus());
+    let bodies = d.imap_bodies("alice", "alice-pw", "INBOX");
+    let sizes = d.imap_sizes("alice", "alice-pw", "INBOX");
+    let n = bodies.len();
+    let mut script = format!("{LOGIN}STAT\r\nLIST\r\nUIDL\r\n");
+    for i in 1..=n {
+        script.push_str(&format!(
+            "RETR {i}\r\nTOP {i} 0\r\nTOP {i} 2\r\nLIST {i}\r\nUIDL {i}\r\n"
+        ));
+    }
+    script.push_str("QUIT\r\n");
+    let r = run(&d, &[], &script);
+    assert_eq!(r.len(), 1 + 2 + 3 + 5 * n + 1, "{r:?}");
+    let total: u32 = sizes.iter().map(|s| s.1).sum();
+    assert_eq!(r[3].status, format!("+OK {n} {total}"));
+
+    let list: String = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{} {}\r\n", i + 1, s.1))
+        .collect();
+    assert_eq!(r[4].body_str(), list);
+
+    // UIDLs are Dovecot's own POP3 UIDLs, so a mailbox can move between the two.
+    let dovecot_uidl = replies(
+        &d.pop3_transcript(format!("{LOGIN}UIDL\r\nQUIT\r\n").as_bytes()),
+        &format!("{LOGIN}UIDL\r\nQUIT\r\n"),
+    );
+    assert_eq!(r[5].body, dovecot_uidl[3].body);
+
+    for (i, (_, body)) in bodies.iter().enumerate() {
+        let at = 6 + 5 * i;
+        let no = i + 1;
+        assert!(r[at].ok(), "RETR {no}: {}", r[at].status);
+        assert_eq!(
+            r[at].body.as_deref(),
+            Some(&expected_retr(body)[..]),
+            "RETR {no}"
+        );
+        assert_eq!(
+            r[at + 1].body.as_deref(),
+            Some(&expected_top(body, 0)[..]),
+            "TOP {no} 0"
+        );
+        assert_eq!(
+            r[at + 2].body.as_deref(),
+            Some(&expected_top(body, 2)[..]),
+            "TOP {no} 2"
+        );
+        assert_eq!(r[at + 3].status, format!("+OK {no} {}", sizes[i].1));
+        let uidl = r[5].body_str().lines().nth(i).unwrap().to_string();
+        assert_eq!(r[at + 4].status, format!("+OK {uidl}"));
+    }
+    assert!(r.last().unwrap().ok());
+}
+
+#[test]
+fn retr_and_top_never_change_flags() {
+    let d = dovecot_with(&corpus()[..3]);
+    let before = d.flags("alice", "INBOX");
+    let r = run(
+        &d,
+        &[],
+        &format!("{LOGIN}RETR 1\r\nTOP 2 1\r\nRETR 3\r\nQUIT\r\n"),
+    );
+    assert!(r.iter().all(Reply::ok), "{r:?}");
+    assert_eq!(d.flags("alice", "INBOX"), before);
+    assert!(before.iter().all(|(_, f)| f.is_empty()));
+}
+
+fn three(d: &Dovecot) {
+    for i in 1..=3 {
+        d.deliver(
+            "alice",
+            "INBOX",
+            format!("Subject: m{i}\r\n\r\nbody {i}\r\n").as_bytes(),
+        );
+    }
+}
+
+#[test]
+fn on_dele_seen_is_the_default_and_lists_only_unseen_mail() {
+    let d = Dovecot::start();
+    three(&d);
+    d.deliver_with_flags("alice", "INBOX", b"Subject: read\r\n\r\nx\r\n", &["\\Seen"]);
+    let r = run(&d, &[], &format!("{LOGIN}STAT\r\nDELE 2\r\nQUIT\r\n"));
+    assert_eq!(
+        r[3].status.split(' ').nth(1),
+        Some("3"),
+        "the \\Seen message is not listed"
+    );
+    assert!(r[5].ok());
+    let flags = d.flags("alice", "INBOX");
+    assert_eq!(
+        flags.iter().map(|(_, f)| f.join(" ")).collect::<Vec<_>>(),
+        ["", "\\Seen", "", "\\Seen"]
+    );
+    // The next session no longer lists it.
+    let r = run(&d, &[], &format!("{LOGIN}STAT\r\nQUIT\r\n"));
+    assert!(r[3].status.starts_with("+OK 2 "));
+}
+
+#[test]
+fn on_dele_keyword_adds_only_the_keyword() {
+    let d = Dovecot::start();
+    three(&d);
+    let r = run(
+        &d,
+        &["--on-dele", "keyword:$Popped"],
+        &format!("{LOGIN}DELE 1\r\nDELE 3\r\nQUIT\r\n"),
+    );
+    assert!(r.iter().all(Reply::ok), "{r:?}");
+    let flags = d.flags("alice", "INBOX");
+    assert_eq!(
+        flags.iter().map(|(_, f)| f.join(" ")).collect::<Vec<_>>(),
+        ["$Popped", "", "$Popped"]
+    );
+    let r = run(
+        &d,
+        &["--on-dele", "keyword:$Popped"],
+        &format!("{LOGIN}STAT\r\nQUIT\r\n"),
+    );
+    assert!(r[3].status.starts_with("+OK 1 "));
+    // Keyword mode doesn't look at \Seen.
+    d.deliver_with_flags("alice", "INBOX", b"Subject: read\r\n\r\nx\r\n", &["\\Seen"]);
+    let r = run(
+        &d,
+        &["--on-dele", "keyword:$Popped"],
+        &format!("{LOGIN}STAT\r\nQUIT\r\n"),
+    );
+    assert!(r[3].status.starts_with("+OK 2 "));
+}
+
+#[test]
+fn on_dele_expunge_removes_exactly_the_deleted_uids() {
+    let d = Dovecot::start();
+    three(&d);
+    // Another client's \Deleted message, not yet expunged: it must survive.
+    d.deliver_with_flags(
+        "alice",
+        "INBOX",
+        b"Subject: theirs\r\n\r\nx\r\n",
+        &["\\Deleted"],
+    );
+    let r = run(
+        &d,
+        &["--on-dele", "expunge"],
+        &format!("{LOGIN}STAT\r\nDELE 1\r\nDELE 2\r\nQUIT\r\n"),
+    );
+    assert!(r.iter().all(Reply::ok), "{r:?}");
+    assert!(
+        r[3].status.starts_with("+OK 4 "),
+        "expunge mode lists everything"
+    );
+    let flags = d.flags("alice", "INBOX");
+    assert_eq!(flags, vec![(3, vec![]), (4, vec!["\\Deleted".to_string()])]);
+}
+
+#[test]
+fn on_dele_move_moves_to_the_folder() {
+    let d = Dovecot::start();
+    three(&d);
+    d.create_mailbox("alice", "Archive");
+    let r = run(
+        &d,
+        &["--on-dele", "move:Archive"],
+        &format!("{LOGIN}DELE 2\r\nQUIT\r\n"),
+    );
+    assert!(r.iter().all(Reply::ok), "{r:?}");
+    assert_eq!(
+        d.flags("alice", "INBOX")
+            .iter()
+            .map(|f| f.0)
+            .collect::<Vec<_>>(),
+        [1, 3]
+    );
+    let archived = d.imap_bodies("alice", "alice-pw", "Archive");
+    assert_eq!(archived.len(), 1);
+    assert_eq!(archived[0].1, b"Subject: m2\r\n\r\nbody 2\r\n");
+}
+
+#[test]
+fn on_dele_keep_changes_nothing_and_lists_everything() {
+    let d = Dovecot::start();
+    three(&d);
+    d.deliver_with_flags("alice", "INBOX", b"Subject: read\r\n\r\nx\r\n", &["\\Seen"]);
+    let before = d.flags("alice", "INBOX");
+    let r = run(
+        &d,
+        &["--on-dele", "keep"],
+        &format!("{LOGIN}STAT\r\nDELE 1\r\nQUIT\r\n"),
+    );
+    assert!(r.iter().all(Reply::ok), "{r:?}");
+    assert!(r[3].status.starts_with("+OK 4 "));
+    assert_eq!(d.flags("alice", "INBOX"), before);
+}
+
+#[test]
+fn a_session_that_ends_without_quit_changes_nothing() {
+    let d = Dovecot::start();
+    three(&d);
+    for mode in ["seen", "expunge", "move:Archive"] {
+        let r = run(
+            &d,
+            &["--on-dele", mode],
+            &format!("{LOGIN}DELE 1\r\nDELE 2\r\nRETR 3\r\n"),
+        );
+        assert_eq!(r.len(), 6, "{mode}: {r:?}");
+        assert_eq!(
+            d.flags("alice", "INBOX"),
+            vec![(1, vec![]), (2, vec![]), (3, vec![])],
+            "{mode}"
+        );
+    }
+}
+
+#[test]
+fn wrong_password_is_an_auth_error_and_the_password_is_never_logged() {
+    let d = Dovecot::start();
+    let script = "USER alice\r\nPASS Zebra-Quartz-91\r\nUSER alice\r\nPASS alice-pw\r\nQUIT\r\n";
+    let out = session(&d, &["-v"], script);
+    let r = replies(&out.stdout, script);
+    assert_eq!(r[2].status, "-ERR [AUTH] Authentication failed.");
+    assert!(
+        r[4].ok(),
+        "a second try on the same connection works: {r:?}"
+    );
+    assert!(
+        out.stderr
+            .contains("login failed: user=alice rip=pipe reason="),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("Zebra-Quartz-91") && !out.stderr.contains("alice-pw"));
+}
+
+#[test]
+fn imap_down_is_a_temporary_error() {
+    let d = Dovecot::start();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = format!("{LOGIN}QUIT\r\n");
+    let out = common::pop3::run(
+        &[
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--allow-plaintext-auth",
+            "-l",
+        ]
+        .map(String::from),
+        script.as_bytes(),
+    );
+    let r = replies(&out.stdout, &script);
+    assert_eq!(
+        r[2].status,
+        "-ERR [SYS/TEMP] Account is temporarily unavailable; try again later."
+    );
+    assert!(r[3].ok());
+    drop(d);
+}
+
+#[test]
+fn a_missing_mailbox_is_a_permanent_error() {
+    let d = Dovecot::start();
+    let r = run(&d, &["--mailbox", "Nope"], &format!("{LOGIN}QUIT\r\n"));
+    assert!(r[2].status.starts_with("-ERR [SYS/PERM] "), "{r:?}");
+}
+
+#[test]
+fn plaintext_login_is_refused_unless_allowed() {
+    let d = Dovecot::start();
+    three(&d);
+    let script = format!("CAPA\r\n{LOGIN}STAT\r\n");
+    let out = common::pop3::run(
+        &["-H", "127.0.0.1", "-p", &d.imap_port.to_string(), "-l"].map(String::from),
+        script.as_bytes(),
+    );
+    let r = replies(&out.stdout, &script);
+    assert!(!r[1].body_str().contains("USER\r\n"));
+    assert!(r[2].status.starts_with("-ERR [AUTH] "));
+    assert!(r[3].status.starts_with("-ERR"));
+    assert!(
+        !d.log_contents().contains("imap-login: Login"),
+        "IMAP was never contacted"
+    );
+}
+
+#[test]
+fn max_messages_lists_the_oldest_and_uidl_format_is_honoured() {
+    let d = Dovecot::start();
+    three(&d);
+    let v = d.uidvalidity("alice", "INBOX");
+    let r = run(
+        &d,
+        &["--max-messages", "2", "--uidl-format", "%v-%u"],
+        &format!("{LOGIN}UIDL\r\nRETR 3\r\nQUIT\r\n"),
+    );
+    assert_eq!(r[3].body_str(), format!("1 {v}-1\r\n2 {v}-2\r\n"));
+    assert_eq!(r[4].status, "-ERR No such message.");
+}
+
+#[test]
+fn user_dir_files_pick_the_server_and_unknown_users_look_like_bad_passwords() {
+    let d = Dovecot::start();
+    three(&d);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("gmail-import"),
+        format!(
+            r#"{{"hostname": "127.0.0.1", "port": {}, "ssl": false, "username": "alice"}}"#,
+            d.imap_port
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--user-dir",
+        dir.path().to_str().unwrap(),
+        "--allow-plaintext-auth",
+        "-l",
+    ]
+    .map(String::from);
+    let script = "USER gmail-import\r\nPASS alice-pw\r\nSTAT\r\nQUIT\r\n";
+    let r = replies(&common::pop3::run(&args, script.as_bytes()).stdout, script);
+    assert!(r[3].status.starts_with("+OK 3 "), "{r:?}");
+
+    let script = "USER nobody-here\r\nPASS x\r\nUSER gmail-import\r\nPASS wrong\r\nUSER ../etc\r\nPASS x\r\nQUIT\r\n";
+    let r = replies(&common::pop3::run(&args, script.as_bytes()).stdout, script);
+    assert_eq!(r[2].status, r[4].status);
+    assert_eq!(r[2].status, "-ERR [AUTH] Authentication failed.");
+    assert_eq!(r[6].status, "-ERR [AUTH] Authentication failed.");
+}
+
+#[test]
+fn long_lines_bad_commands_and_pipelining() {
+    let d = Dovecot::start();
+    three(&d);
+    let long = "x".repeat(300);
+    let mut script = format!("{LOGIN}NOOP {long}\r\nBOGUS\r\nRETR 0\r\nDELE 99\r\n");
+    script.push_str(&"NOOP\r\n".repeat(2000));
+    script.push_str("STAT\r\nQUIT\r\n");
+    let r = run(&d, &[], &script);
+    assert_eq!(r[3].status, "-ERR Line too long.");
+    assert_eq!(r[4].status, "-ERR Unknown command.");
+    assert_eq!(r[5].status, "-ERR Message numbers start at 1.");
+    assert_eq!(r[6].status, "-ERR No such message.");
+    assert_eq!(r.len(), 7 + 2000 + 2);
+    assert!(r.last().unwrap().ok());
+}
+
+#[test]
+fn three_bad_commands_before_login_close_the_session() {
+    let d = Dovecot::start();
+    let script = "HELO x\r\nGET / HTTP/1.1\r\nSTAT\r\nUSER alice\r\n";
+    let r = run(&d, &[], script);
+    assert_eq!(r.len(), 5);
+    assert_eq!(r[4].status, "-ERR Too many bad commands; closing.");
+}
+
+#[test]
+fn a_bad_command_line_answers_the_client_with_sys_perm() {
+    let out = common::pop3::run(
+        &["--on-dele".to_string(), "shred".to_string()],
+        b"USER a\r\n",
+    );
+    assert!(!out.ok);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "-ERR [SYS/PERM] aiopopd is misconfigured; see the server log.\r\n"
+    );
+    assert!(out.stderr.contains("--on-dele \"shred\""));
+}
