@@ -97,11 +97,13 @@ fn main() {
         print!("<<< {first}");
         let multi =
             first.starts_with("+OK") && (cmd == "LIST" || cmd == "UIDL" || cmd.starts_with("RETR"));
-        while multi {
-            let l = line(&mut reader);
-            print!("<<< {l}");
-            if l == ".\r\n" {
-                break;
+        if multi {
+            loop {
+                let l = line(&mut reader);
+                print!("<<< {l}");
+                if l == ".\r\n" {
+                    break;
+                }
             }
         }
     }

@@ -2,6 +2,7 @@
 //! follow the earlier Python aiopopd. Nothing here opens a connection.
 
 use crate::log;
+use crate::tls;
 use crate::uidl::UidlFormat;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -16,11 +17,18 @@ IMAP server:
   -H, --imap-hostname HOST   IMAP server (required unless --user-dir)
   -p, --imap-port PORT       default 993 with -s, else 143
   -s, --imap-ssl             implicit TLS to the IMAP server
+      --imap-starttls        STARTTLS on the plain IMAP port (never falls back to clear)
+      --imap-ca FILE         also trust these PEM certificates for the IMAP server
+      --imap-plaintext       allow clear-text IMAP to a host that isn't loopback
       --mailbox NAME         mailbox served as the maildrop (default INBOX)
       --user-dir DIR         one JSON file per POP3 user name (alias --path):
                              {\"hostname\", \"port\", \"ssl\", \"username\"?, \"mailbox\"?}
       --imap-timeout SECS    connect and read timeout towards IMAP (default 60)
 POP3 side:
+      --ssl-cert FILE        TLS certificate chain (PEM); with --ssl-key turns TLS on:
+      --ssl-key FILE         implicit TLS from the first byte (port 995 style)
+      --stls                 start in clear and offer STLS instead (port 110 style)
+      --ssl-generate         create a self-signed pair in those files if both are missing
   -d, --hostname NAME        name in the greeting (default: this host's name)
       --allow-plaintext-auth allow USER/PASS on an unencrypted connection
       --on-dele ACTION       seen (default), keyword:NAME, expunge, move:FOLDER, keep
@@ -49,11 +57,30 @@ pub enum OnDele {
     Keep,
 }
 
+/// How the IMAP connection is protected. Certificates are always verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImapSecurity {
+    /// Implicit TLS (port 993).
+    Tls,
+    /// STARTTLS on the plain port; no fallback to clear.
+    StartTls,
+    /// Clear text: loopback only unless `--imap-plaintext`.
+    Plain,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImapServer {
     pub host: String,
     pub port: u16,
-    pub tls: bool,
+    pub security: ImapSecurity,
+}
+
+/// TLS towards the POP3 client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    pub files: tls::Files,
+    /// Start in clear and offer STLS, rather than TLS from the first byte.
+    pub stls: bool,
 }
 
 /// Where logins go: one fixed server (`-H`), or one per user from `--user-dir`.
@@ -66,6 +93,10 @@ pub enum Source {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: Source,
+    pub imap_ca: Option<PathBuf>,
+    /// Clear-text IMAP to non-loopback hosts was allowed explicitly.
+    pub imap_plaintext: bool,
+    pub tls: Option<ClientTls>,
     pub mailbox: String,
     pub allow_plaintext_auth: bool,
     pub hostname: String,
@@ -111,7 +142,14 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         .opt_value_from_str(["-H", "--imap-hostname"])
         .map_err(arg)?;
     let port: Option<u16> = a.opt_value_from_str(["-p", "--imap-port"]).map_err(arg)?;
-    let tls = a.contains(["-s", "--imap-ssl"]);
+    let imap_tls = a.contains(["-s", "--imap-ssl"]);
+    let imap_starttls = a.contains("--imap-starttls");
+    let imap_ca: Option<PathBuf> = a.opt_value_from_os_str("--imap-ca", path).map_err(arg)?;
+    let imap_plaintext = a.contains("--imap-plaintext");
+    let ssl_cert: Option<PathBuf> = a.opt_value_from_os_str("--ssl-cert", path).map_err(arg)?;
+    let ssl_key: Option<PathBuf> = a.opt_value_from_os_str("--ssl-key", path).map_err(arg)?;
+    let stls = a.contains("--stls");
+    let ssl_generate = a.contains("--ssl-generate");
     let mailbox: String = a
         .opt_value_from_str("--mailbox")
         .map_err(arg)?
@@ -165,18 +203,51 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         return Err(format!("unexpected arguments: {}", rest.join(" ")));
     }
     check_mailbox_name(&mailbox, "--mailbox")?;
+    let security = match (imap_tls, imap_starttls) {
+        (true, true) => return Err("give either -s/--imap-ssl or --imap-starttls, not both".into()),
+        (true, false) => ImapSecurity::Tls,
+        (false, true) => ImapSecurity::StartTls,
+        (false, false) => ImapSecurity::Plain,
+    };
     let source = match (host, user_dir) {
-        (Some(host), None) => Source::Fixed(ImapServer {
-            port: port.unwrap_or(if tls { 993 } else { 143 }),
-            host,
-            tls,
-        }),
+        (Some(host), None) => {
+            let server = ImapServer {
+                port: port.unwrap_or(if imap_tls { 993 } else { 143 }),
+                host,
+                security,
+            };
+            check_plaintext(&server, imap_plaintext)?;
+            Source::Fixed(server)
+        }
         (None, Some(dir)) => Source::UserDir(dir),
         (Some(_), Some(_)) => return Err("give either -H or --user-dir, not both".into()),
         (None, None) => return Err("-H/--imap-hostname is required (or --user-dir)".into()),
     };
+    if let Some(ca) = &imap_ca {
+        if !ca.is_file() {
+            return Err(format!("--imap-ca {}: no such file", ca.display()));
+        }
+    }
+    let tls = match (ssl_cert, ssl_key) {
+        (Some(cert), Some(key)) => Some(ClientTls {
+            files: tls::Files {
+                cert,
+                key,
+                generate_for: ssl_generate.then(|| hostname.clone()),
+            },
+            stls,
+        }),
+        (None, None) if stls || ssl_generate => {
+            return Err("--stls and --ssl-generate need --ssl-cert and --ssl-key".into())
+        }
+        (None, None) => None,
+        _ => return Err("give both --ssl-cert and --ssl-key".into()),
+    };
     Ok(Action::Serve(Box::new(Config {
         source,
+        imap_ca,
+        imap_plaintext,
+        tls,
         mailbox,
         allow_plaintext_auth,
         hostname,
@@ -188,6 +259,30 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         log_target,
         verbose,
     })))
+}
+
+/// The user's password would cross the network in clear: only to loopback, unless the operator
+/// says so explicitly. (A name counts as loopback only if every address it resolves to is.)
+pub fn check_plaintext(server: &ImapServer, allowed: bool) -> Result<(), String> {
+    if server.security != ImapSecurity::Plain || allowed || is_loopback(&server.host, server.port) {
+        return Ok(());
+    }
+    Err(format!(
+        "clear-text IMAP to {} would send passwords over the network in clear: use -s \
+         (implicit TLS) or --imap-starttls, or --imap-plaintext if you really mean it",
+        server.host
+    ))
+}
+
+fn is_loopback(host: &str, port: u16) -> bool {
+    use std::net::ToSocketAddrs;
+    match (host, port).to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
 }
 
 fn arg(e: pico_args::Error) -> String {
@@ -261,7 +356,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = p(&["-H", "imap.example.com"]).unwrap();
+        let c = p(&["-H", "localhost"]).unwrap();
         assert!(matches!(
             c.source,
             Source::Fixed(ImapServer { port: 143, .. })
@@ -269,13 +364,35 @@ mod tests {
         assert_eq!(c.mailbox, "INBOX");
         assert_eq!(c.on_dele, OnDele::Seen);
         assert_eq!(c.timeout, Duration::from_secs(600));
-        let tls = p(&["-H", "h", "-s"]).unwrap().source;
+        let tls = p(&["-H", "imap.example.com", "-s"]).unwrap().source;
         assert!(matches!(tls, Source::Fixed(ImapServer { port: 993, .. })));
     }
 
     #[test]
+    fn clear_text_imap_only_to_loopback_unless_allowed() {
+        for local in ["127.0.0.1", "::1", "localhost", "127.1.2.3"] {
+            assert!(p(&["-H", local]).is_ok(), "{local}");
+        }
+        for remote in ["192.0.2.1", "0.0.0.0", "imap.example.com.invalid"] {
+            let e = p(&["-H", remote]).unwrap_err();
+            assert!(e.contains("--imap-plaintext"), "{remote}: {e}");
+            assert!(p(&["-H", remote, "--imap-plaintext"]).is_ok());
+            assert!(p(&["-H", remote, "--imap-starttls"]).is_ok());
+        }
+        assert!(p(&["-H", "::1", "-s", "--imap-starttls"]).is_err());
+    }
+
+    #[test]
+    fn tls_options_go_together() {
+        assert!(p(&["-H", "::1", "--ssl-cert", "c"]).is_err());
+        assert!(p(&["-H", "::1", "--stls"]).is_err());
+        let c = p(&["-H", "::1", "--ssl-cert", "c", "--ssl-key", "k", "--stls"]).unwrap();
+        assert!(c.tls.unwrap().stls);
+    }
+
+    #[test]
     fn on_dele_actions() {
-        let on = |s: &str| p(&["-H", "h", "--on-dele", s]).map(|c| c.on_dele);
+        let on = |s: &str| p(&["-H", "127.0.0.1", "--on-dele", s]).map(|c| c.on_dele);
         assert_eq!(on("expunge"), Ok(OnDele::Expunge));
         assert_eq!(on("keyword:$Popped"), Ok(OnDele::Keyword("$Popped".into())));
         assert_eq!(

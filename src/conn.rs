@@ -1,6 +1,7 @@
 //! Where the client's bytes come from and go to: stdin/stdout (inetd, systemd
 //! `StandardInput=socket`, a pipe) or the socket systemd passed as fd 3; deadlines on every read
-//! and write; and the line framing the session reads through ([`Conn`] implements [`Peer`]).
+//! and write; TLS (implicit, or started by STLS); and the line framing the session reads through
+//! ([`Conn`] implements [`Peer`]).
 
 use crate::fd;
 use crate::pop3::MAX_COMMAND_LINE;
@@ -8,6 +9,7 @@ use crate::session::{Line, Peer};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The raw client connection: a read side and a write side (the same socket, or stdin and
@@ -17,6 +19,8 @@ pub struct RawConn {
     read: File,
     write: File,
     timeout: Duration,
+    /// An overall deadline that caps the per-operation one (the TLS handshake).
+    deadline_cap: Option<Instant>,
     /// O_NONBLOCK is shared with whoever else holds the same open file (a terminal, the
     /// inetd socket): restore what we found.
     saved_flags: Vec<(File, libc::c_int)>,
@@ -46,6 +50,7 @@ impl RawConn {
             read,
             write,
             timeout,
+            deadline_cap: None,
             saved_flags,
         };
         if conn.is_socket() {
@@ -80,7 +85,8 @@ impl RawConn {
     }
 
     fn deadline(&self) -> Instant {
-        Instant::now() + self.timeout
+        let d = Instant::now() + self.timeout;
+        self.deadline_cap.map_or(d, |cap| cap.min(d))
     }
 }
 
@@ -126,6 +132,125 @@ impl Write for RawConn {
     }
 }
 
+/// What [`Conn`] needs of the byte stream beyond reading and writing.
+pub trait Transport: Read + Write {
+    fn is_secure(&self) -> bool;
+    /// True if STLS can be offered now.
+    fn can_start_tls(&self) -> bool;
+    fn start_tls(&mut self) -> io::Result<()>;
+}
+
+/// The client connection, plain or TLS.
+pub struct Stream {
+    inner: Inner,
+    /// The configuration STLS would use, while the connection is still plain.
+    stls: Option<Arc<rustls::ServerConfig>>,
+}
+
+enum Inner {
+    Plain(RawConn),
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, RawConn>>),
+    /// Only while switching to TLS, or after a failed switch.
+    Closed,
+}
+
+impl Stream {
+    /// A plain connection; with `stls`, STLS is offered.
+    pub fn plain(raw: RawConn, stls: Option<Arc<rustls::ServerConfig>>) -> Stream {
+        Stream {
+            inner: Inner::Plain(raw),
+            stls,
+        }
+    }
+
+    /// TLS from the first byte (RFC 8314): the handshake happens here.
+    pub fn implicit_tls(raw: RawConn, config: Arc<rustls::ServerConfig>) -> io::Result<Stream> {
+        Ok(Stream {
+            inner: Inner::Tls(handshake(raw, config)?),
+            stls: None,
+        })
+    }
+
+    /// Ends TLS politely (close_notify); errors don't matter any more.
+    pub fn close(&mut self) {
+        if let Inner::Tls(tls) = &mut self.inner {
+            tls.conn.send_close_notify();
+            let _ = tls.conn.complete_io(&mut tls.sock);
+        }
+    }
+}
+
+/// The whole handshake, bounded by one deadline: the client's idle timeout.
+fn handshake(
+    mut raw: RawConn,
+    config: Arc<rustls::ServerConfig>,
+) -> io::Result<Box<rustls::StreamOwned<rustls::ServerConnection, RawConn>>> {
+    let mut conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+    raw.deadline_cap = Some(Instant::now() + raw.timeout);
+    while conn.is_handshaking() {
+        // complete_io sends the alert itself when the handshake fails.
+        conn.complete_io(&mut raw)?;
+    }
+    raw.deadline_cap = None;
+    Ok(Box::new(rustls::StreamOwned::new(conn, raw)))
+}
+
+impl Transport for Stream {
+    fn is_secure(&self) -> bool {
+        matches!(self.inner, Inner::Tls(_))
+    }
+
+    fn can_start_tls(&self) -> bool {
+        self.stls.is_some() && matches!(self.inner, Inner::Plain(_))
+    }
+
+    fn start_tls(&mut self) -> io::Result<()> {
+        let config = self.stls.take().ok_or(io::ErrorKind::Unsupported)?;
+        match std::mem::replace(&mut self.inner, Inner::Closed) {
+            Inner::Plain(raw) => {
+                self.inner = Inner::Tls(handshake(raw, config)?);
+                Ok(())
+            }
+            other => {
+                self.inner = other;
+                Err(io::ErrorKind::Unsupported.into())
+            }
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.inner {
+            Inner::Plain(raw) => raw.read(buf),
+            Inner::Tls(tls) => match tls.read(buf) {
+                // A client that closes without close_notify has simply gone away.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                r => r,
+            },
+            Inner::Closed => Ok(0),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.inner {
+            Inner::Plain(raw) => raw.write(buf),
+            Inner::Tls(tls) => tls.write(buf),
+            Inner::Closed => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.inner {
+            Inner::Plain(raw) => raw.flush(),
+            Inner::Tls(tls) => tls.flush(),
+            Inner::Closed => Ok(()),
+        }
+    }
+}
+
 /// Reads lines and buffers replies over a byte stream. Replies are written out when the
 /// session is about to wait for the next command, or when much is pending, so a pipelined
 /// batch of commands gets its replies in few writes.
@@ -137,15 +262,14 @@ pub struct Conn<S> {
     /// Inside an over-long line: drop bytes through its end.
     discarding: bool,
     out: Vec<u8>,
-    secure: bool,
 }
 
 /// Pending output beyond this is written out at once.
 const OUT_HIGH_WATER: usize = 64 << 10;
 const READ_BUF: usize = 16 << 10;
 
-impl<S: Read + Write> Conn<S> {
-    pub fn new(stream: S, secure: bool) -> Conn<S> {
+impl<S: Transport> Conn<S> {
+    pub fn new(stream: S) -> Conn<S> {
         Conn {
             stream,
             buf: vec![0; READ_BUF].into_boxed_slice(),
@@ -153,7 +277,6 @@ impl<S: Read + Write> Conn<S> {
             end: 0,
             discarding: false,
             out: Vec::new(),
-            secure,
         }
     }
 
@@ -195,19 +318,45 @@ impl<S: Read + Write> Conn<S> {
             self.end += n;
         }
     }
+
+    /// The stream underneath, e.g. to close it.
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
 }
 
-impl<S: Read + Write> Peer for Conn<S> {
+impl<S: Transport> Peer for Conn<S> {
     fn read_line(&mut self) -> io::Result<Line> {
         self.read_line_max(MAX_COMMAND_LINE)
     }
 
     fn is_secure(&self) -> bool {
-        self.secure
+        self.stream.is_secure()
+    }
+
+    fn can_start_tls(&self) -> bool {
+        self.stream.can_start_tls()
+    }
+
+    fn has_pending_input(&self) -> bool {
+        self.start < self.end
+    }
+
+    fn start_tls(&mut self) -> io::Result<()> {
+        // Plaintext the client pipelined behind STLS must never be read as if it came over TLS
+        // (CVE-2011-0411); the session checks first, this is the second lock.
+        if self.has_pending_input() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "plaintext after STLS",
+            ));
+        }
+        self.flush()?;
+        self.stream.start_tls()
     }
 }
 
-impl<S: Read + Write> Write for Conn<S> {
+impl<S: Transport> Write for Conn<S> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.out.is_empty() && data.len() >= OUT_HIGH_WATER {
             return self.stream.write(data);
@@ -259,16 +408,25 @@ mod tests {
         }
     }
 
+    impl Transport for Script {
+        fn is_secure(&self) -> bool {
+            false
+        }
+        fn can_start_tls(&self) -> bool {
+            false
+        }
+        fn start_tls(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+    }
+
     fn lines(input: &[u8], piece: usize) -> Vec<Option<Vec<u8>>> {
-        let mut c = Conn::new(
-            Script {
-                input: input.to_vec(),
-                pos: 0,
-                piece,
-                output: vec![],
-            },
-            false,
-        );
+        let mut c = Conn::new(Script {
+            input: input.to_vec(),
+            pos: 0,
+            piece,
+            output: vec![],
+        });
         let mut v = Vec::new();
         loop {
             match c.read_line().unwrap() {

@@ -7,16 +7,20 @@
 //! untagged `* NO` (rust-imap #282). IMAP text never reaches the POP3 client: errors carry it
 //! to the log only.
 
-use crate::config::{ImapServer, OnDele, Source};
+use crate::config::{check_plaintext, ImapSecurity, ImapServer, OnDele, Source};
 use crate::maildrop::{Backend, Error, Maildrop, Message};
 use crate::pop3::Secret;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct ImapBackend {
     pub source: Source,
+    /// Extra trust anchors for the IMAP server's certificate (PEM).
+    pub ca: Option<PathBuf>,
+    pub plaintext_allowed: bool,
     pub mailbox: String,
     pub on_dele: OnDele,
     pub max_messages: Option<usize>,
@@ -75,7 +79,8 @@ impl ImapBackend {
     }
 
     /// `DIR/<user>`: `{"hostname", "port", "ssl"?, "username"?, "mailbox"?}` as the Python
-    /// aiopopd's server.py read it (`ssl` defaults to true there, and here).
+    /// aiopopd's server.py read it (`ssl` defaults to true there, and here); `"starttls": true`
+    /// with `"ssl": false` asks for STARTTLS.
     fn account_from_file(&self, dir: &std::path::Path, user: &str) -> Result<Account, Error> {
         if user.contains('/') || user.starts_with('.') || user.is_empty() {
             return Err(Error::Auth("user name not allowed in --user-dir".into()));
@@ -97,11 +102,16 @@ impl ImapBackend {
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .ok_or_else(|| bad("no valid \"port\""))?;
-        let tls = match &v["ssl"] {
-            serde_json::Value::Null => true,
+        let flag = |key: &str, default: bool| match &v[key] {
+            serde_json::Value::Null => Ok(default),
             s => s
                 .as_bool()
-                .ok_or_else(|| bad("\"ssl\" must be true or false"))?,
+                .ok_or_else(|| bad(&format!("\"{key}\" must be true or false"))),
+        };
+        let security = match (flag("ssl", true)?, flag("starttls", false)?) {
+            (true, _) => ImapSecurity::Tls,
+            (false, true) => ImapSecurity::StartTls,
+            (false, false) => ImapSecurity::Plain,
         };
         let opt_str = |key: &str| match &v[key] {
             serde_json::Value::Null => Ok(None),
@@ -114,12 +124,14 @@ impl ImapBackend {
         if mailbox.is_empty() || !mailbox.bytes().all(|b| (b' '..0x7f).contains(&b)) {
             return Err(bad("\"mailbox\" must be printable ASCII"));
         }
+        let server = ImapServer {
+            host: hostname.to_string(),
+            port,
+            security,
+        };
+        check_plaintext(&server, self.plaintext_allowed).map_err(|e| bad(&e))?;
         Ok(Account {
-            server: ImapServer {
-                host: hostname.to_string(),
-                port,
-                tls,
-            },
+            server,
             username: opt_str("username")?.unwrap_or_else(|| user.to_string()),
             mailbox,
         })
@@ -131,7 +143,7 @@ impl Backend for ImapBackend {
 
     fn login(&mut self, user: &str, password: &Secret) -> Result<ImapMaildrop, Error> {
         let account = self.account(user)?;
-        let client = connect(&account.server, self.timeout)?;
+        let client = connect(&account.server, self.timeout, self.ca.as_deref())?;
         let mut session = login(client, &account.username, password)?;
         match open(
             &mut session,
@@ -153,7 +165,11 @@ impl Backend for ImapBackend {
     }
 }
 
-fn connect(server: &ImapServer, timeout: Duration) -> Result<imap::Client<Stream>, Error> {
+fn connect(
+    server: &ImapServer,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> Result<imap::Client<Stream>, Error> {
     let where_ = format!("{}:{}", server.host, server.port);
     let addrs = (server.host.as_str(), server.port)
         .to_socket_addrs()
@@ -169,7 +185,7 @@ fn connect(server: &ImapServer, timeout: Duration) -> Result<imap::Client<Stream
             Err(e) => last = Some(e),
         }
     }
-    let tcp = tcp.ok_or_else(|| {
+    let mut tcp = tcp.ok_or_else(|| {
         Error::Temp(format!(
             "connecting to {where_}: {}",
             last.map_or("no addresses".to_string(), |e| e.to_string())
@@ -179,27 +195,128 @@ fn connect(server: &ImapServer, timeout: Duration) -> Result<imap::Client<Stream
     tcp.set_read_timeout(Some(timeout)).map_err(io_err)?;
     tcp.set_write_timeout(Some(timeout)).map_err(io_err)?;
     tcp.set_nodelay(true).map_err(io_err)?;
-    let stream = if server.tls {
-        let connector = native_tls::TlsConnector::builder()
-            .min_protocol_version(Some(native_tls::Protocol::Tlsv12))
-            .build()
-            .map_err(|e| Error::Temp(format!("TLS setup: {e}")))?;
-        let tls = connector
-            .connect(&server.host, tcp)
-            .map_err(|e| Error::Temp(format!("TLS to {where_}: {e}")))?;
-        Stream::Tls(Box::new(tls))
-    } else {
-        Stream::Plain(tcp)
+    let stream = match server.security {
+        ImapSecurity::Plain => Stream::Plain(tcp),
+        ImapSecurity::Tls => tls_wrap(tcp, &server.host, ca, &where_)?,
+        ImapSecurity::StartTls => {
+            starttls(&mut tcp).map_err(|e| Error::Temp(format!("{where_}: {e}")))?;
+            tls_wrap(tcp, &server.host, ca, &where_)?
+        }
     };
     let mut client = imap::Client::new(stream);
-    let greeting = client.read_greeting().map_err(imap_error)?;
+    if server.security != ImapSecurity::StartTls {
+        let greeting = client.read_greeting().map_err(imap_error)?;
+        if !greeting.starts_with(b"* OK") {
+            return Err(Error::Temp(format!(
+                "{where_} greeted with {}",
+                crate::log::truncated(&greeting)
+            )));
+        }
+    }
+    Ok(client)
+}
+
+/// TLS 1.2+ with the certificate and host name verified against the system roots and `ca`.
+/// There is deliberately no way to skip verification: the user's password crosses this link.
+fn tls_wrap(
+    tcp: TcpStream,
+    host: &str,
+    ca: Option<&std::path::Path>,
+    where_: &str,
+) -> Result<Stream, Error> {
+    let mut builder = native_tls::TlsConnector::builder();
+    builder.min_protocol_version(Some(native_tls::Protocol::Tlsv12));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| Error::Perm(format!("--imap-ca {}: {e}", ca.display())))?;
+        for block in pem_blocks(&pem) {
+            let cert = native_tls::Certificate::from_pem(block)
+                .map_err(|e| Error::Perm(format!("--imap-ca {}: {e}", ca.display())))?;
+            builder.add_root_certificate(cert);
+        }
+    }
+    let connector = builder
+        .build()
+        .map_err(|e| Error::Temp(format!("TLS setup: {e}")))?;
+    let tls = connector
+        .connect(host, tcp)
+        .map_err(|e| Error::Temp(format!("TLS to {where_}: {e}")))?;
+    Ok(Stream::Tls(Box::new(tls)))
+}
+
+/// Each `-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----` block of a PEM file.
+fn pem_blocks(pem: &[u8]) -> Vec<&[u8]> {
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = find(rest, b"-----BEGIN CERTIFICATE-----") {
+        let Some(end) = find(&rest[start..], END) else {
+            break;
+        };
+        blocks.push(&rest[start..start + end + END.len()]);
+        rest = &rest[start + end + END.len()..];
+    }
+    blocks
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// STARTTLS by hand (the crate has no public way on our own socket): greeting, CAPABILITY
+/// must list STARTTLS, then STARTTLS must be answered OK. Read a byte at a time so nothing sent
+/// after the OK is buffered and later mistaken for protected data.
+fn starttls(tcp: &mut TcpStream) -> io::Result<()> {
+    let greeting = read_line_raw(tcp)?;
     if !greeting.starts_with(b"* OK") {
-        return Err(Error::Temp(format!(
-            "{where_} greeted with {}",
+        return Err(io::Error::other(format!(
+            "greeted with {}",
             crate::log::truncated(&greeting)
         )));
     }
-    Ok(client)
+    tcp.write_all(b"s0 CAPABILITY\r\n")?;
+    let mut offered = false;
+    loop {
+        let line = read_line_raw(tcp)?;
+        if line.starts_with(b"* CAPABILITY ") {
+            let caps = String::from_utf8_lossy(&line).to_ascii_uppercase();
+            offered |= caps.split_whitespace().any(|c| c == "STARTTLS");
+        }
+        if line.starts_with(b"s0 ") {
+            break;
+        }
+    }
+    if !offered {
+        return Err(io::Error::other("the server does not offer STARTTLS"));
+    }
+    tcp.write_all(b"s1 STARTTLS\r\n")?;
+    loop {
+        let line = read_line_raw(tcp)?;
+        if line.starts_with(b"s1 OK") {
+            return Ok(());
+        }
+        if line.starts_with(b"s1 ") {
+            return Err(io::Error::other(format!(
+                "STARTTLS refused: {}",
+                crate::log::truncated(&line)
+            )));
+        }
+    }
+}
+
+fn read_line_raw(tcp: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while line.last() != Some(&b'\n') {
+        if tcp.read(&mut byte)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        line.push(byte[0]);
+        if line.len() > 16 << 10 {
+            return Err(io::Error::other("IMAP line too long"));
+        }
+    }
+    Ok(line)
 }
 
 /// PLAIN carries any bytes; LOGIN's quoted strings are 7-bit only (RFC 3501 §9).

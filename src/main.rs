@@ -12,6 +12,7 @@ mod log;
 mod maildrop;
 mod pop3;
 mod session;
+mod tls;
 mod uidl;
 
 use config::{Action, Config};
@@ -79,6 +80,8 @@ fn run(config: Config) -> ExitCode {
 
     let backend = imap::ImapBackend {
         source: config.source.clone(),
+        ca: config.imap_ca.clone(),
+        plaintext_allowed: config.imap_plaintext,
         mailbox: config.mailbox.clone(),
         on_dele: config.on_dele.clone(),
         max_messages: config.max_messages,
@@ -89,8 +92,33 @@ fn run(config: Config) -> ExitCode {
         allow_plaintext_auth: config.allow_plaintext_auth,
         uidl_format: config.uidl_format.clone(),
     };
-    let mut peer = conn::Conn::new(raw, false);
+    let stream = match &config.tls {
+        None => conn::Stream::plain(raw, None),
+        Some(t) => {
+            // Read per process: a renewed certificate is used from the next connection on.
+            let server_config = match tls::server_config(&t.files) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::error(&format!("TLS: {e}"));
+                    return ExitCode::FAILURE;
+                }
+            };
+            if t.stls {
+                conn::Stream::plain(raw, Some(server_config))
+            } else {
+                match conn::Stream::implicit_tls(raw, server_config) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        session::log_handshake_failure(&e);
+                        return ExitCode::SUCCESS;
+                    }
+                }
+            }
+        }
+    };
+    let mut peer = conn::Conn::new(stream);
     let summary = session::Session::new(backend, settings).run(&mut peer);
+    peer.stream_mut().close();
     log::info(&format!(
         "session end: rip={} user={} listed={} retrieved={} deleted={} bytes={} duration={:.3}s outcome={}",
         log::peer(),

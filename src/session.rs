@@ -36,6 +36,12 @@ pub trait Peer: Write {
     fn read_line(&mut self) -> io::Result<Line>;
     /// True when the connection is encrypted (credentials may cross it).
     fn is_secure(&self) -> bool;
+    /// True if STLS can be offered now (configured, and not yet TLS).
+    fn can_start_tls(&self) -> bool;
+    /// True if the client sent bytes not yet read as commands.
+    fn has_pending_input(&self) -> bool;
+    /// Flushes pending replies and performs the TLS handshake (STLS).
+    fn start_tls(&mut self) -> io::Result<()>;
 }
 
 #[derive(Debug, Clone)]
@@ -242,11 +248,43 @@ impl<B: Backend> Session<B> {
                 reply(peer, false, "APOP is not supported; use USER and PASS.")?;
                 same(user)
             }
-            Command::Stls => {
-                reply(peer, false, "STLS is not available.")?;
-                same(user)
-            }
+            Command::Stls => self.stls(peer, user),
             _ => self.bad(peer, "Log in first.", State::Authorization { user }),
+        }
+    }
+
+    /// RFC 2595: switch to TLS, then start AUTHORIZATION afresh.
+    fn stls<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        user: Option<String>,
+    ) -> io::Result<Next<B::Maildrop>> {
+        if !peer.can_start_tls() {
+            let text = if peer.is_secure() {
+                "Already using TLS."
+            } else {
+                "STLS is not available."
+            };
+            return self.bad(peer, text, State::Authorization { user });
+        }
+        if peer.has_pending_input() {
+            // Commands pipelined behind STLS were sent in clear and could have been injected
+            // by a man in the middle (CVE-2011-0411): never carry them into the TLS session.
+            log::warning("client sent data after STLS before the TLS handshake; closing");
+            reply(
+                peer,
+                false,
+                "Nothing may follow STLS before the TLS handshake.",
+            )?;
+            return Ok(Next::End("stls-pipelined"));
+        }
+        reply(peer, true, "Begin TLS negotiation.")?;
+        match peer.start_tls() {
+            Ok(()) => Ok(Next::Continue(State::Authorization { user: None })),
+            Err(e) => {
+                log_handshake_failure(&e);
+                Ok(Next::End("tls-failed"))
+            }
         }
     }
 
@@ -318,6 +356,9 @@ impl<B: Backend> Session<B> {
     fn capa<P: Peer>(&self, peer: &mut P) -> io::Result<()> {
         let mut caps = String::from("+OK Capability list follows\r\n");
         caps.push_str("TOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
+        if peer.can_start_tls() {
+            caps.push_str("STLS\r\n");
+        }
         if self.auth_allowed(peer) {
             caps.push_str("USER\r\n");
         }
@@ -545,6 +586,17 @@ impl<M: Maildrop> Transaction<M> {
     }
 }
 
+/// A failed TLS handshake: a client that just went away is normal; anything else is worth a
+/// clear line (an old client, a plain-text client on the TLS port, a bad certificate).
+pub fn log_handshake_failure(e: &io::Error) {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
+            log::debug(&format!("client left during the TLS handshake: {e}"))
+        }
+        _ => log::warning(&format!("TLS handshake failed: rip={} {e}", log::peer())),
+    }
+}
+
 /// A one-line reply. `text` is always ours: never an IMAP line or an error's text.
 fn reply<W: Write>(w: &mut W, ok: bool, text: &str) -> io::Result<()> {
     let status = if ok { "+OK" } else { "-ERR" };
@@ -655,6 +707,15 @@ mod tests {
         }
         fn is_secure(&self) -> bool {
             self.secure
+        }
+        fn can_start_tls(&self) -> bool {
+            false
+        }
+        fn has_pending_input(&self) -> bool {
+            !self.input.is_empty()
+        }
+        fn start_tls(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::Unsupported.into())
         }
     }
 

@@ -4,58 +4,13 @@
 
 mod common;
 
+use common::activate::Activator;
 use common::dovecot::Dovecot;
-use common::pop3::{args, expected_retr, replies, BIN};
+use common::pop3::{args, expected_retr, replies};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// `systemd-socket-activate` listening on a free loopback port; killed on drop.
-struct Activator {
-    child: Child,
-    port: u16,
-}
-
-impl Activator {
-    fn start(inetd: bool, aiopopd_args: &[String]) -> Activator {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new("systemd-socket-activate");
-        cmd.arg("-l")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--accept");
-        if inetd {
-            cmd.arg("--inetd");
-        }
-        cmd.arg(BIN).args(aiopopd_args);
-        // -l logs to stderr; in the fd-3 form stderr is ours, not the client's.
-        cmd.stdout(Stdio::null()).stderr(Stdio::null());
-        let child = cmd
-            .spawn()
-            .expect("systemd-socket-activate (Debian package systemd) is needed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "systemd-socket-activate did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // That probe connection spawned a session that ends at EOF; harmless.
-        Activator { child, port }
-    }
-}
-
-impl Drop for Activator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn corpus(d: &Dovecot) {
     d.deliver(

@@ -1,2 +1,3 @@
+pub mod activate;
 pub mod dovecot;
 pub mod pop3;
