@@ -1,13 +1,13 @@
 //! The try-out behind `scripts/try`: a throwaway private Dovecot with a few sample messages, and
 //! aiopopd serving it over POP3 through `systemd-socket-activate`, exactly as in production;
-//! then one real POP3 session, printed. Everything is removed at the end.
+//! with TLS from a certificate it generates itself; then `aiopopd-client` runs a real session
+//! against it and prints it. Everything is removed at the end.
 //!
 //! Usage: try AIOPOPD-BINARY
 
 #[path = "../tests/common/dovecot.rs"]
 mod dovecot;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,17 +30,25 @@ fn main() {
         .unwrap()
         .port();
     let imap_port = d.imap_port.to_string();
+    let tls_dir = tempfile::tempdir().unwrap();
+    let cert = tls_dir.path().join("cert.pem");
+    let key = tls_dir.path().join("key.pem");
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let args = [
         "-H",
         "127.0.0.1",
         "-p",
         &imap_port,
-        "--allow-plaintext-auth",
         "-d",
-        "pop.example",
+        "localhost",
+        "--ssl-cert",
+        cert_s,
+        "--ssl-key",
+        key_s,
+        "--ssl-generate",
     ];
     println!(
-        "Serving POP3 on 127.0.0.1:{port}: systemd-socket-activate --accept --inetd {bin} {}",
+        "Serving POP3 over TLS on 127.0.0.1:{port}:\n  systemd-socket-activate -l 127.0.0.1:{port} --accept --inetd {bin} {}",
         args.join(" ")
     );
     let mut activator = Command::new("systemd-socket-activate")
@@ -56,60 +64,47 @@ fn main() {
         .spawn()
         .expect("systemd-socket-activate");
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut conn = loop {
-        if let Ok(c) = TcpStream::connect(("127.0.0.1", port)) {
-            break c;
-        }
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
             Instant::now() < deadline,
             "systemd-socket-activate did not listen"
         );
         std::thread::sleep(Duration::from_millis(20));
-    };
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
-    let line = |reader: &mut std::io::BufReader<TcpStream>| {
-        let mut l = String::new();
-        std::io::BufRead::read_line(reader, &mut l).unwrap();
-        l
-    };
-    print!("<<< {}", line(&mut reader));
-    for cmd in [
-        "USER alice",
-        "PASS alice-pw",
-        "STAT",
-        "LIST",
-        "UIDL",
-        "RETR 2",
-        "QUIT",
-    ] {
-        println!(
-            ">>> {}",
-            if cmd.starts_with("PASS") {
-                "PASS ..."
-            } else {
-                cmd
-            }
-        );
-        conn.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
-        let first = line(&mut reader);
-        print!("<<< {first}");
-        let multi =
-            first.starts_with("+OK") && (cmd == "LIST" || cmd == "UIDL" || cmd.starts_with("RETR"));
-        if multi {
-            loop {
-                let l = line(&mut reader);
-                print!("<<< {l}");
-                if l == ".\r\n" {
-                    break;
-                }
-            }
-        }
     }
-    let mut rest = Vec::new();
-    let _ = reader.read_to_end(&mut rest);
+    // That probe connection made aiopopd generate its self-signed certificate.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cert.exists() {
+        assert!(Instant::now() < deadline, "no certificate was generated");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let client = std::path::Path::new(&bin).with_file_name("aiopopd-client");
+    let port_s = port.to_string();
+    let client_args = [
+        "-H",
+        "localhost",
+        "-n",
+        &port_s,
+        "-s",
+        "--ca",
+        cert_s,
+        "-u",
+        "alice",
+        "-p",
+        "plain:alice-pw",
+    ];
+    println!(
+        "Checking it with the POP3 check client:\n  aiopopd-client {}\n",
+        client_args.join(" ")
+    );
+    let status = Command::new(&client)
+        .args(client_args)
+        .status()
+        .expect("aiopopd-client");
     let _ = activator.kill();
     let _ = activator.wait();
+    if !status.success() {
+        eprintln!("aiopopd-client reported a failure");
+        std::process::exit(1);
+    }
     println!("Done: the POP3 session above was served from the IMAP mailbox.");
 }
