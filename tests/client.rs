@@ -633,3 +633,82 @@ fn dovecot_stls_with_ca() {
         "CAPA again after STLS:\n{o}"
     );
 }
+
+// Against aiopopd itself, run per connection by systemd-socket-activate as in production.
+
+fn aiopopd_args(d: &Dovecot, tls: Option<bool>) -> Vec<String> {
+    let mut a = common::pop3::args(d);
+    // The certificate is Dovecot's test one, valid for localhost.
+    a.retain(|s| s != "pop.test");
+    a.retain(|s| s != "-d");
+    a.extend(["-d".to_string(), "localhost".to_string()]);
+    if let Some(stls) = tls {
+        a.retain(|s| s != "--allow-plaintext-auth");
+        a.extend([
+            "--ssl-cert".to_string(),
+            d.ca_cert_path().to_str().unwrap().to_string(),
+            "--ssl-key".to_string(),
+            d.dir().join("key.pem").to_str().unwrap().to_string(),
+        ]);
+        if stls {
+            a.push("--stls".to_string());
+        }
+    }
+    a
+}
+
+fn against_aiopopd(tls: Option<bool>, extra: &[&str]) -> (Dovecot, Output) {
+    let d = dovecot();
+    let act = common::activate::Activator::start(true, &aiopopd_args(&d, tls));
+    let port = act.port.to_string();
+    let ca = d.ca_cert_path().to_str().unwrap().to_string();
+    let mut args = vec![
+        "-H",
+        "localhost",
+        "-n",
+        &port,
+        "-u",
+        "alice",
+        "-p",
+        "plain:alice-pw",
+    ];
+    match tls {
+        Some(false) => args.extend(["-s", "--ca", &ca]),
+        Some(true) => args.extend(["--stls", "--ca", &ca]),
+        None => {}
+    }
+    args.extend(extra);
+    let out = run(&args);
+    drop(act);
+    (d, out)
+}
+
+#[test]
+fn aiopopd_plain() {
+    let (_d, out) = against_aiopopd(None, &["--all"]);
+    assert_passed(&out, "alice-pw");
+}
+
+#[test]
+fn aiopopd_implicit_tls() {
+    let (_d, out) = against_aiopopd(Some(false), &["--all"]);
+    assert_passed(&out, "alice-pw");
+}
+
+#[test]
+fn aiopopd_stls() {
+    let (_d, out) = against_aiopopd(Some(true), &["--all"]);
+    let text = assert_passed(&out, "alice-pw");
+    assert!(text.contains("STLS"), "{text}");
+}
+
+#[test]
+fn aiopopd_delete_applies_the_on_dele_action() {
+    // The default --on-dele seen: message 1 gets \Seen, nothing is removed.
+    let (d, out) = against_aiopopd(None, &["-d"]);
+    assert_passed(&out, "alice-pw");
+    let flags = d.flags("alice", "INBOX");
+    assert_eq!(flags.len(), 2);
+    assert_eq!(flags[0].1, vec!["\\Seen".to_string()]);
+    assert!(flags[1].1.is_empty());
+}
