@@ -4,18 +4,8 @@
 //! parts together: configuration, logging, the client connection, the IMAP backend, the session.
 #![deny(unsafe_code)]
 
-mod config;
-mod conn;
-mod fd;
-mod imap;
-mod log;
-mod maildrop;
-mod pop3;
-mod session;
-mod tls;
-mod uidl;
-
-use config::{Action, Config};
+use aiopopd::config::{self, Action, Config};
+use aiopopd::{conn, fd, imap, log, session, tls};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

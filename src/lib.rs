@@ -1,0 +1,17 @@
+//! aiopopd as a library: the parts the `aiopopd` binary wires together, public so that the
+//! fuzz targets and benchmarks can drive the POP3 core (parser, session) without sockets.
+//!
+//! The protocol core (`pop3`, `session`, `maildrop`) knows nothing of sockets, TLS or IMAP;
+//! `imap` is the one backend; `conn`, `fd` and `tls` are the I/O edges.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod conn;
+pub mod fd;
+pub mod imap;
+pub mod log;
+pub mod maildrop;
+pub mod pop3;
+pub mod session;
+pub mod tls;
+pub mod uidl;
