@@ -74,7 +74,8 @@ impl RawConn {
         match socket2::SockRef::from(&self.write).peer_addr() {
             Ok(a) => a
                 .as_socket()
-                .map_or_else(|| "local".to_string(), |a| a.ip().to_string()),
+                // IPv4 clients of a dual-stack socket show as ::ffff:a.b.c.d; log them as IPv4.
+                .map_or_else(|| "local".to_string(), |a| a.ip().to_canonical().to_string()),
             Err(_) => std::env::var("REMOTE_HOST").unwrap_or_else(|_| "pipe".to_string()),
         }
     }

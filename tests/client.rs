@@ -712,3 +712,28 @@ fn aiopopd_delete_applies_the_on_dele_action() {
     assert_eq!(flags[0].1, vec!["\\Seen".to_string()]);
     assert!(flags[1].1.is_empty());
 }
+
+#[test]
+fn a_message_without_a_final_line_end_is_accepted_with_a_note() {
+    let d = Dovecot::start();
+    d.deliver(
+        "alice",
+        "INBOX",
+        b"Subject: no final newline\r\n\r\nlast line",
+    );
+    let act = common::activate::Activator::start(true, &common::pop3::args(&d));
+    let port = act.port.to_string();
+    let out = run(&[
+        "-H",
+        "127.0.0.1",
+        "-n",
+        &port,
+        "-u",
+        "alice",
+        "-p",
+        "plain:alice-pw",
+        "--all",
+    ]);
+    let text = assert_passed(&out, "alice-pw");
+    assert!(text.contains("*** (2 octets more than listed"), "{text}");
+}
