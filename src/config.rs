@@ -31,6 +31,9 @@ POP3 side:
       --ssl-generate         create a self-signed pair in those files if both are missing
   -d, --hostname NAME        name in the greeting (default: this host's name)
       --allow-plaintext-auth allow USER/PASS on an unencrypted connection
+      --sasl MECH,...        offer only these SASL mechanisms (default: PLAIN, LOGIN, and
+                             CRAM-MD5, SCRAM-SHA-1/256, XOAUTH2, OAUTHBEARER where the
+                             IMAP server offers them: those are relayed, never decoded)
       --on-dele ACTION       seen (default), keyword:NAME, expunge, move:FOLDER, keep
       --uidl-format FMT      default %08Xu%08Xv (Dovecot's): %u UID, %v UIDVALIDITY
       --max-messages N       list at most N messages (oldest first)
@@ -99,6 +102,7 @@ pub struct Config {
     pub tls: Option<ClientTls>,
     pub mailbox: String,
     pub allow_plaintext_auth: bool,
+    pub sasl: Option<Vec<String>>,
     pub hostname: String,
     pub on_dele: OnDele,
     pub uidl_format: UidlFormat,
@@ -159,6 +163,26 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         user_dir = Some(p);
     }
     let allow_plaintext_auth = a.contains("--allow-plaintext-auth");
+    let sasl = match a.opt_value_from_str::<_, String>("--sasl").map_err(arg)? {
+        None => None,
+        Some(list) => {
+            let known = ["PLAIN", "LOGIN"]
+                .iter()
+                .chain(crate::session::RELAYED_MECHANISMS.iter());
+            let known: Vec<&str> = known.copied().collect();
+            let mut mechs = Vec::new();
+            for m in list.split(',').map(|m| m.trim().to_ascii_uppercase()) {
+                if !known.contains(&m.as_str()) {
+                    return Err(format!(
+                        "--sasl: unknown mechanism {m:?} (known: {})",
+                        known.join(", ")
+                    ));
+                }
+                mechs.push(m);
+            }
+            Some(mechs)
+        }
+    };
     let hostname = a
         .opt_value_from_str(["-d", "--hostname"])
         .map_err(arg)?
@@ -250,6 +274,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         tls,
         mailbox,
         allow_plaintext_auth,
+        sasl,
         hostname,
         on_dele,
         uidl_format,

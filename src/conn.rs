@@ -5,7 +5,7 @@
 
 use crate::fd;
 use crate::pop3::MAX_COMMAND_LINE;
-use crate::session::{Line, Peer};
+use crate::session::{Line, Peer, MAX_SASL_LINE};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -75,7 +75,10 @@ impl RawConn {
             Ok(a) => a
                 .as_socket()
                 // IPv4 clients of a dual-stack socket show as ::ffff:a.b.c.d; log them as IPv4.
-                .map_or_else(|| "local".to_string(), |a| a.ip().to_canonical().to_string()),
+                .map_or_else(
+                    || "local".to_string(),
+                    |a| a.ip().to_canonical().to_string(),
+                ),
             Err(_) => std::env::var("REMOTE_HOST").unwrap_or_else(|_| "pipe".to_string()),
         }
     }
@@ -267,7 +270,7 @@ pub struct Conn<S> {
 
 /// Pending output beyond this is written out at once.
 const OUT_HIGH_WATER: usize = 64 << 10;
-const READ_BUF: usize = 16 << 10;
+const READ_BUF: usize = MAX_SASL_LINE + (16 << 10);
 
 impl<S: Transport> Conn<S> {
     pub fn new(stream: S) -> Conn<S> {
@@ -329,6 +332,10 @@ impl<S: Transport> Conn<S> {
 impl<S: Transport> Peer for Conn<S> {
     fn read_line(&mut self) -> io::Result<Line> {
         self.read_line_max(MAX_COMMAND_LINE)
+    }
+
+    fn read_sasl_line(&mut self) -> io::Result<Line> {
+        self.read_line_max(MAX_SASL_LINE)
     }
 
     fn is_secure(&self) -> bool {

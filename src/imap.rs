@@ -8,15 +8,16 @@
 //! to the log only.
 
 use crate::config::{check_plaintext, ImapSecurity, ImapServer, OnDele, Source};
-use crate::maildrop::{Backend, Error, Maildrop, Message};
+use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
 use crate::pop3::Secret;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// How to reach and use the IMAP server.
 #[derive(Debug, Clone)]
-pub struct ImapBackend {
+pub struct Settings {
     pub source: Source,
     /// Extra trust anchors for the IMAP server's certificate (PEM).
     pub ca: Option<PathBuf>,
@@ -25,6 +26,13 @@ pub struct ImapBackend {
     pub on_dele: OnDele,
     pub max_messages: Option<usize>,
     pub timeout: Duration,
+}
+
+pub struct ImapBackend {
+    settings: Settings,
+    /// A connection opened early to learn the SASL mechanisms (CAPA/AUTH before login),
+    /// kept for the login that follows.
+    connected: Option<imap::Client<Stream>>,
 }
 
 /// The byte stream under the IMAP session.
@@ -67,12 +75,19 @@ struct Account {
 }
 
 impl ImapBackend {
+    pub fn new(settings: Settings) -> ImapBackend {
+        ImapBackend {
+            settings,
+            connected: None,
+        }
+    }
+
     fn account(&self, user: &str) -> Result<Account, Error> {
-        match &self.source {
+        match &self.settings.source {
             Source::Fixed(server) => Ok(Account {
                 server: server.clone(),
                 username: user.to_string(),
-                mailbox: self.mailbox.clone(),
+                mailbox: self.settings.mailbox.clone(),
             }),
             Source::UserDir(dir) => self.account_from_file(dir, user),
         }
@@ -120,7 +135,7 @@ impl ImapBackend {
                 .map(|s| Some(s.to_string()))
                 .ok_or_else(|| bad(&format!("\"{key}\" must be a string"))),
         };
-        let mailbox = opt_str("mailbox")?.unwrap_or_else(|| self.mailbox.clone());
+        let mailbox = opt_str("mailbox")?.unwrap_or_else(|| self.settings.mailbox.clone());
         if mailbox.is_empty() || !mailbox.bytes().all(|b| (b' '..0x7f).contains(&b)) {
             return Err(bad("\"mailbox\" must be printable ASCII"));
         }
@@ -129,7 +144,7 @@ impl ImapBackend {
             port,
             security,
         };
-        check_plaintext(&server, self.plaintext_allowed).map_err(|e| bad(&e))?;
+        check_plaintext(&server, self.settings.plaintext_allowed).map_err(|e| bad(&e))?;
         Ok(Account {
             server,
             username: opt_str("username")?.unwrap_or_else(|| user.to_string()),
@@ -138,23 +153,24 @@ impl ImapBackend {
     }
 }
 
-impl Backend for ImapBackend {
-    type Maildrop = ImapMaildrop;
+impl ImapBackend {
+    /// The connection for this account: the one opened early, if it went to the same server,
+    /// or a new one.
+    fn client(&mut self, server: &ImapServer) -> Result<imap::Client<Stream>, Error> {
+        match self.connected.take() {
+            Some(c) if matches!(&self.settings.source, Source::Fixed(s) if s == server) => Ok(c),
+            _ => connect(server, self.settings.timeout, self.settings.ca.as_deref()),
+        }
+    }
 
-    fn login(&mut self, user: &str, password: &Secret) -> Result<ImapMaildrop, Error> {
-        let account = self.account(user)?;
-        let client = connect(&account.server, self.timeout, self.ca.as_deref())?;
-        let mut session = login(client, &account.username, password)?;
-        match open(
-            &mut session,
-            &account.mailbox,
-            &self.on_dele,
-            self.max_messages,
-        ) {
+    /// After LOGIN or AUTHENTICATE: open the mailbox and take the snapshot.
+    fn open_maildrop(&self, mut session: Session, mailbox: String) -> Result<ImapMaildrop, Error> {
+        let s = &self.settings;
+        match open(&mut session, &mailbox, &s.on_dele, s.max_messages) {
             Ok(snapshot) => Ok(ImapMaildrop {
                 session,
-                mailbox: account.mailbox,
-                on_dele: self.on_dele.clone(),
+                mailbox,
+                on_dele: s.on_dele.clone(),
                 snapshot,
             }),
             Err(e) => {
@@ -162,6 +178,101 @@ impl Backend for ImapBackend {
                 Err(e)
             }
         }
+    }
+}
+
+impl Backend for ImapBackend {
+    type Maildrop = ImapMaildrop;
+
+    fn login(&mut self, user: &str, password: &Secret) -> Result<ImapMaildrop, Error> {
+        let account = self.account(user)?;
+        let client = self.client(&account.server)?;
+        let session = login(client, &account.username, password)?;
+        self.open_maildrop(session, account.mailbox)
+    }
+
+    /// Only with a fixed server: with --user-dir the server depends on a user name that a
+    /// relayed exchange doesn't tell us beforehand.
+    fn relayable_mechanisms(&mut self) -> Vec<String> {
+        let Source::Fixed(server) = &self.settings.source else {
+            return Vec::new();
+        };
+        let server = server.clone();
+        let mut client = match self.client(&server) {
+            Ok(c) => c,
+            Err(e) => {
+                crate::log::warning(&format!(
+                    "asking the IMAP server for its SASL mechanisms: {e}"
+                ));
+                return Vec::new();
+            }
+        };
+        let mechs = match client.capabilities() {
+            Ok(caps) => crate::session::RELAYED_MECHANISMS
+                .iter()
+                .filter(|m| caps.has_str(format!("AUTH={m}")))
+                .map(|m| m.to_string())
+                .collect(),
+            Err(e) => {
+                crate::log::warning(&format!("IMAP CAPABILITY: {e}"));
+                return Vec::new();
+            }
+        };
+        self.connected = Some(client);
+        mechs
+    }
+
+    fn authenticate(
+        &mut self,
+        mechanism: &str,
+        initial: Option<Vec<u8>>,
+        client: &mut dyn SaslClient,
+    ) -> Result<ImapMaildrop, Error> {
+        let Source::Fixed(server) = &self.settings.source else {
+            return Err(Error::Perm(
+                "SASL relay needs a fixed IMAP server (-H)".into(),
+            ));
+        };
+        let server = server.clone();
+        let imap_client = self.client(&server)?;
+        let relay = RelayAuth {
+            client: std::cell::RefCell::new(client),
+            initial: std::cell::RefCell::new(initial),
+        };
+        let session = imap_client
+            .authenticate(mechanism, &relay)
+            .map_err(|(e, _)| match e {
+                imap::Error::No(no) => classify_no(&no.information),
+                imap::Error::Bad(bad) => {
+                    Error::Auth(format!("AUTHENTICATE refused as BAD: {}", bad.information))
+                }
+                e => imap_error(e),
+            })?;
+        self.open_maildrop(session, self.settings.mailbox.clone())
+    }
+}
+
+/// Carries the server's challenges to the POP3 client and its answers back. The crate wants
+/// `&self`, hence the cells; a client that cancels gets an empty answer sent, which the
+/// server refuses (the crate can't send IMAP's `*`).
+struct RelayAuth<'a> {
+    client: std::cell::RefCell<&'a mut dyn SaslClient>,
+    /// The client's initial response answers the server's first, empty challenge.
+    initial: std::cell::RefCell<Option<Vec<u8>>>,
+}
+
+impl imap::Authenticator for RelayAuth<'_> {
+    type Response = Vec<u8>;
+    fn process(&self, challenge: &[u8]) -> Vec<u8> {
+        if challenge.is_empty() {
+            if let Some(initial) = self.initial.borrow_mut().take() {
+                return initial;
+            }
+        }
+        self.client
+            .borrow_mut()
+            .challenge(challenge)
+            .unwrap_or_default()
     }
 }
 

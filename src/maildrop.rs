@@ -43,10 +43,35 @@ impl fmt::Display for Error {
     }
 }
 
+/// The POP3 client's side of a relayed SASL exchange.
+pub trait SaslClient {
+    /// Carries a challenge to the client and returns its decoded answer; `None` if the client
+    /// cancelled, sent garbage or left.
+    fn challenge(&mut self, challenge: &[u8]) -> Option<Vec<u8>>;
+}
+
 /// Logs in; one attempt per call. Implementations hold whatever they need to connect.
 pub trait Backend {
     type Maildrop: Maildrop;
     fn login(&mut self, user: &str, password: &Secret) -> Result<Self::Maildrop, Error>;
+
+    /// SASL mechanisms the server behind runs with the client directly, the exchange relayed
+    /// step by step, so the secret never exists here. May connect to ask the server.
+    fn relayable_mechanisms(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Runs `mechanism` against the server, relaying each challenge to `client`. `initial` is
+    /// the client's initial response, if it sent one with AUTH.
+    fn authenticate(
+        &mut self,
+        mechanism: &str,
+        initial: Option<Vec<u8>>,
+        client: &mut dyn SaslClient,
+    ) -> Result<Self::Maildrop, Error> {
+        let _ = (initial, client);
+        Err(Error::Perm(format!("{mechanism} can't be relayed")))
+    }
 }
 
 /// An opened maildrop: a fixed snapshot of messages. Changes happen only in `commit`.

@@ -68,7 +68,7 @@ fn run(config: Config) -> ExitCode {
     log::set_peer(raw.peer_name());
     log::debug(&format!("connection from {}", log::peer()));
 
-    let backend = imap::ImapBackend {
+    let backend = imap::ImapBackend::new(imap::Settings {
         source: config.source.clone(),
         ca: config.imap_ca.clone(),
         plaintext_allowed: config.imap_plaintext,
@@ -76,11 +76,12 @@ fn run(config: Config) -> ExitCode {
         on_dele: config.on_dele.clone(),
         max_messages: config.max_messages,
         timeout: config.imap_timeout,
-    };
+    });
     let settings = session::Settings {
         hostname: config.hostname.clone(),
         allow_plaintext_auth: config.allow_plaintext_auth,
         uidl_format: config.uidl_format.clone(),
+        sasl: config.sasl.clone(),
     };
     let stream = match &config.tls {
         None => conn::Stream::plain(raw, None),

@@ -56,6 +56,16 @@ pub enum Command {
     Dele(MsgNo),
     Noop,
     Rset,
+    /// `AUTH` alone lists the mechanisms; otherwise a mechanism and maybe an initial response.
+    Auth(Option<Auth>),
+}
+
+/// RFC 5034 AUTH: the mechanism (upper-cased) and the initial response as sent (base64, or `=`
+/// for an empty one), which may carry a password.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Auth {
+    pub mechanism: String,
+    pub initial: Option<Secret>,
 }
 
 /// Why a line is not a command. Each becomes a fixed `-ERR` text; none echoes the input.
@@ -108,11 +118,35 @@ impl Command {
             b"RSET" => none(rest, Command::Rset),
             b"LIST" => optional_msg(rest).map(Command::List),
             b"UIDL" => optional_msg(rest).map(Command::Uidl),
+            b"AUTH" if rest.is_empty() => Ok(Command::Auth(None)),
+            b"AUTH" => parse_auth(rest),
             b"RETR" => Ok(Command::Retr(msg_no(args(rest, 1)?[0])?)),
             b"DELE" => Ok(Command::Dele(msg_no(args(rest, 1)?[0])?)),
             _ => Err(ParseError::Unknown),
         }
     }
+}
+
+fn parse_auth(rest: &[u8]) -> Result<Command, ParseError> {
+    let (mech, initial) = match rest.iter().position(|&b| b == b' ') {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    // RFC 4422 §3.1: 1 to 20 of A-Z, 0-9, '-', '_'.
+    let valid = !mech.is_empty()
+        && mech.len() <= 20
+        && mech
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+    if !valid || initial.is_some_and(|i| i.is_empty() || i.contains(&b' ')) {
+        return Err(ParseError::Syntax(
+            "AUTH needs a mechanism and at most one initial response.",
+        ));
+    }
+    Ok(Command::Auth(Some(Auth {
+        mechanism: String::from_utf8_lossy(mech).to_ascii_uppercase(),
+        initial: initial.map(|i| Secret::new(i.to_vec())),
+    })))
 }
 
 /// TOP is the one three-letter verb, so it can't go through the four-letter table above.
@@ -340,6 +374,36 @@ mod tests {
                 Command::parse(unknown),
                 Err(ParseError::Unknown),
                 "{unknown:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn auth_takes_a_mechanism_and_an_optional_initial_response() {
+        assert_eq!(Command::parse(b"AUTH"), Ok(Command::Auth(None)));
+        assert_eq!(
+            Command::parse(b"auth cram-md5"),
+            Ok(Command::Auth(Some(Auth {
+                mechanism: "CRAM-MD5".into(),
+                initial: None
+            })))
+        );
+        assert_eq!(
+            Command::parse(b"AUTH PLAIN AGEAYg=="),
+            Ok(Command::Auth(Some(Auth {
+                mechanism: "PLAIN".into(),
+                initial: Some(Secret::new(b"AGEAYg==".to_vec()))
+            })))
+        );
+        for bad in [
+            &b"AUTH PLAIN a b"[..],
+            b"AUTH P\xff",
+            b"AUTH PLAIN ",
+            b"AUTH ABCDEFGHIJKLMNOPQRSTU",
+        ] {
+            assert!(
+                matches!(Command::parse(bad), Err(ParseError::Syntax(_))),
+                "{bad:?}"
             );
         }
     }

@@ -5,9 +5,11 @@
 //! TLS or IMAP. DELE only marks: the maildrop is changed in one place, `update`, after QUIT.
 
 use crate::log;
-use crate::maildrop::{Backend, Error, Maildrop, Message};
-use crate::pop3::{Command, DotStuffer, MsgNo, ParseError, Secret};
+use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
+use crate::pop3::{Auth, Command, DotStuffer, MsgNo, ParseError, Secret};
 use crate::uidl::UidlFormat;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use std::io::{self, Write};
 
 /// Octets asked of the backend per round trip for RETR: big enough that a typical message is one
@@ -19,6 +21,20 @@ pub const TOP_FIRST_CHUNK: u64 = 64 << 10;
 pub const MAX_BAD_COMMANDS: u32 = 3;
 /// Failed logins on one connection before we hang up.
 pub const MAX_FAILED_LOGINS: u32 = 3;
+/// A SASL response line may be far longer than a command (OAuth tokens run to several KB);
+/// RFC 5034 lets the server bound it.
+pub const MAX_SASL_LINE: usize = 16 << 10;
+/// SASL mechanisms aiopopd runs itself: it decodes them and logs in as with USER/PASS.
+const LOCAL_MECHANISMS: [&str; 2] = ["PLAIN", "LOGIN"];
+/// Mechanisms relayed to the IMAP server step by step when it offers them. Channel-binding
+/// (-PLUS) variants are never offered: the binding is to our TLS session, not the server's.
+pub const RELAYED_MECHANISMS: [&str; 5] = [
+    "CRAM-MD5",
+    "SCRAM-SHA-1",
+    "SCRAM-SHA-256",
+    "XOAUTH2",
+    "OAUTHBEARER",
+];
 
 /// What the session reads from: whole lines, with the over-long ones already discarded.
 pub enum Line {
@@ -34,6 +50,8 @@ pub enum Line {
 /// it before it waits for input, so pipelined commands get their replies in batches.
 pub trait Peer: Write {
     fn read_line(&mut self) -> io::Result<Line>;
+    /// A SASL response line, up to [`MAX_SASL_LINE`] octets.
+    fn read_sasl_line(&mut self) -> io::Result<Line>;
     /// True when the connection is encrypted (credentials may cross it).
     fn is_secure(&self) -> bool;
     /// True if STLS can be offered now (configured, and not yet TLS).
@@ -49,6 +67,8 @@ pub struct Settings {
     pub hostname: String,
     pub allow_plaintext_auth: bool,
     pub uidl_format: UidlFormat,
+    /// `--sasl`: offer only these mechanisms (upper case); `None` offers all that work.
+    pub sasl: Option<Vec<String>>,
 }
 
 /// What happened, for the one summary line logged per session.
@@ -85,6 +105,74 @@ pub struct Session<B: Backend> {
     summary: Summary,
     bad_commands: u32,
     failed_logins: u32,
+    /// The SASL mechanisms offered, worked out when first needed (it may ask the server).
+    mechanisms: Option<Vec<String>>,
+}
+
+/// How a SASL exchange with the client stopped short.
+enum Stop {
+    Cancelled,
+    Invalid,
+    TooLong,
+    Gone,
+    Io(io::Error),
+}
+
+/// One answer from the client to a `+ challenge`.
+fn ask<P: Peer>(peer: &mut P, challenge: &[u8]) -> Result<Vec<u8>, Stop> {
+    let line = format!("+ {}\r\n", BASE64.encode(challenge));
+    peer.write_all(line.as_bytes()).map_err(Stop::Io)?;
+    match peer.read_sasl_line().map_err(Stop::Io)? {
+        Line::Command(l) if l == b"*" => Err(Stop::Cancelled),
+        Line::Command(l) => BASE64.decode(&l).map_err(|_| Stop::Invalid),
+        Line::TooLong => Err(Stop::TooLong),
+        Line::Eof => Err(Stop::Gone),
+    }
+}
+
+/// The POP3 client's end of a relayed exchange; remembers why it stopped, if it did.
+struct Relay<'a, P> {
+    peer: &'a mut P,
+    stopped: Option<Stop>,
+    first: Option<Vec<u8>>,
+}
+
+impl<P: Peer> SaslClient for Relay<'_, P> {
+    fn challenge(&mut self, challenge: &[u8]) -> Option<Vec<u8>> {
+        if self.stopped.is_some() {
+            return None;
+        }
+        match ask(self.peer, challenge) {
+            Ok(answer) => {
+                if self.first.is_none() {
+                    self.first = Some(answer.clone());
+                }
+                Some(answer)
+            }
+            Err(stop) => {
+                self.stopped = Some(stop);
+                None
+            }
+        }
+    }
+}
+
+/// The user name a relayed exchange carries, for the log only (never the secret part).
+fn sasl_user(mechanism: &str, first: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(first);
+    let field = |prefix: &str, sep: char| {
+        text.split(sep)
+            .find_map(|f| f.strip_prefix(prefix))
+            .map(str::to_string)
+    };
+    let user = match mechanism {
+        "CRAM-MD5" => text.rsplit_once(' ').map(|(u, _)| u.to_string()),
+        "SCRAM-SHA-1" | "SCRAM-SHA-256" => field("n=", ','),
+        "XOAUTH2" => field("user=", '\x01'),
+        "OAUTHBEARER" => field("a=", ','),
+        _ => None,
+    }?;
+    Some(log::truncated(user.as_bytes()))
 }
 
 impl<B: Backend> Session<B> {
@@ -95,6 +183,7 @@ impl<B: Backend> Session<B> {
             summary: Summary::default(),
             bad_commands: 0,
             failed_logins: 0,
+            mechanisms: None,
         }
     }
 
@@ -197,7 +286,7 @@ impl<B: Backend> Session<B> {
         let same = |user| Ok(Next::Continue(State::Authorization { user }));
         match cmd {
             Command::Capa => {
-                self.capa(peer)?;
+                self.capa(peer, true)?;
                 same(user)
             }
             Command::Quit => {
@@ -248,6 +337,26 @@ impl<B: Backend> Session<B> {
                 reply(peer, false, "APOP is not supported; use USER and PASS.")?;
                 same(user)
             }
+            Command::Auth(None) if self.auth_allowed(peer) => {
+                // Not in RFC 5034, but Outlook and others ask this way.
+                let mut list = String::from("+OK Supported mechanisms follow\r\n");
+                for m in self.mechanisms() {
+                    list.push_str(m);
+                    list.push_str("\r\n");
+                }
+                list.push_str(".\r\n");
+                peer.write_all(list.as_bytes())?;
+                same(None)
+            }
+            Command::Auth(_) if !self.auth_allowed(peer) => {
+                reply(
+                    peer,
+                    false,
+                    "[AUTH] Plaintext authentication is not allowed without TLS.",
+                )?;
+                same(None)
+            }
+            Command::Auth(Some(auth)) => self.auth(peer, auth),
             Command::Stls => self.stls(peer, user),
             _ => self.bad(peer, "Log in first.", State::Authorization { user }),
         }
@@ -307,10 +416,21 @@ impl<B: Backend> Session<B> {
             log::login_failed(&user, "password contains CR, LF or NUL");
             return self.login_failed(peer, "[AUTH] Authentication failed.");
         }
-        match self.backend.login(&user, &password) {
+        let result = self.backend.login(&user, &password);
+        self.login_result(peer, &user, result)
+    }
+
+    /// The end of every kind of login: TRANSACTION, or the right `-ERR`.
+    fn login_result<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        user: &str,
+        result: Result<B::Maildrop, Error>,
+    ) -> io::Result<Next<B::Maildrop>> {
+        match result {
             Ok(drop) => {
                 let n = drop.messages().len();
-                self.summary.user = Some(user.clone());
+                self.summary.user = Some(user.to_string());
                 self.summary.listed = n;
                 log::info(&format!("user={user} logged in, {n} messages listed"));
                 reply(peer, true, &format!("Logged in, {n} messages."))?;
@@ -322,7 +442,7 @@ impl<B: Backend> Session<B> {
             Err(e) => {
                 let text = match &e {
                     Error::Auth(_) => {
-                        log::login_failed(&user, &e.to_string());
+                        log::login_failed(user, &e.to_string());
                         "[AUTH] Authentication failed."
                     }
                     Error::InUse(_) => {
@@ -343,6 +463,108 @@ impl<B: Backend> Session<B> {
         }
     }
 
+    /// The mechanisms offered: PLAIN and LOGIN, and those the backend can relay.
+    fn mechanisms(&mut self) -> &[String] {
+        let (backend, settings) = (&mut self.backend, &self.settings);
+        self.mechanisms.get_or_insert_with(|| {
+            let relayable = backend.relayable_mechanisms();
+            let mut m: Vec<String> = LOCAL_MECHANISMS.iter().map(|s| s.to_string()).collect();
+            m.extend(
+                RELAYED_MECHANISMS
+                    .iter()
+                    .filter(|r| relayable.iter().any(|x| x.eq_ignore_ascii_case(r)))
+                    .map(|s| s.to_string()),
+            );
+            if let Some(allowed) = &settings.sasl {
+                m.retain(|x| allowed.contains(x));
+            }
+            m
+        })
+    }
+
+    /// RFC 5034 AUTH. PLAIN and LOGIN are decoded here and log in like USER/PASS; the other
+    /// mechanisms are relayed to the server, so the secret never exists in this process.
+    fn auth<P: Peer>(&mut self, peer: &mut P, auth: Auth) -> io::Result<Next<B::Maildrop>> {
+        let mech = auth.mechanism;
+        if !self.mechanisms().contains(&mech) {
+            return self.bad(
+                peer,
+                "Unsupported authentication mechanism.",
+                State::Authorization { user: None },
+            );
+        }
+        let initial = match auth.initial {
+            None => None,
+            Some(i) if i.expose() == b"=" => Some(Vec::new()),
+            Some(i) => match BASE64.decode(i.expose()) {
+                Ok(v) => Some(v),
+                Err(_) => return self.sasl_stopped(peer, Stop::Invalid),
+            },
+        };
+        match mech.as_str() {
+            "PLAIN" => {
+                let response = match initial {
+                    Some(r) => r,
+                    None => match ask(peer, b"") {
+                        Ok(r) => r,
+                        Err(stop) => return self.sasl_stopped(peer, stop),
+                    },
+                };
+                // authzid NUL authcid NUL passwd (RFC 4616)
+                let mut parts = response.splitn(3, |&b| b == 0);
+                let (Some(authzid), Some(authcid), Some(passwd)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return self.sasl_stopped(peer, Stop::Invalid);
+                };
+                let user = String::from_utf8_lossy(authcid).into_owned();
+                if !authzid.is_empty() && authzid != authcid {
+                    log::login_failed(&user, "PLAIN with a different authorization identity");
+                    return self.login_failed(peer, "[AUTH] Authentication failed.");
+                }
+                self.login(peer, user, Secret::new(passwd.to_vec()))
+            }
+            "LOGIN" => {
+                let user = match initial.map_or_else(|| ask(peer, b"Username:"), Ok) {
+                    Ok(u) => String::from_utf8_lossy(&u).into_owned(),
+                    Err(stop) => return self.sasl_stopped(peer, stop),
+                };
+                match ask(peer, b"Password:") {
+                    Ok(p) => self.login(peer, user, Secret::new(p)),
+                    Err(stop) => self.sasl_stopped(peer, stop),
+                }
+            }
+            _ => {
+                let mut relay = Relay {
+                    peer: &mut *peer,
+                    stopped: None,
+                    first: initial.clone(),
+                };
+                let result = self.backend.authenticate(&mech, initial, &mut relay);
+                let (stopped, first) = (relay.stopped.take(), relay.first.take());
+                if let Some(stop) = stopped {
+                    return self.sasl_stopped(peer, stop);
+                }
+                let user = first
+                    .and_then(|f| sasl_user(&mech, &f))
+                    .unwrap_or_else(|| format!("({mech})"));
+                self.login_result(peer, &user, result)
+            }
+        }
+    }
+
+    /// The client cancelled or garbled a SASL exchange (RFC 5034: a negative response).
+    fn sasl_stopped<P: Peer>(&mut self, peer: &mut P, stop: Stop) -> io::Result<Next<B::Maildrop>> {
+        let text = match stop {
+            Stop::Io(e) => return Err(e),
+            Stop::Gone => return Ok(Next::End("client-gone")),
+            Stop::Cancelled => "Authentication cancelled.",
+            Stop::Invalid => "Invalid SASL response.",
+            Stop::TooLong => "SASL response too long.",
+        };
+        self.bad(peer, text, State::Authorization { user: None })
+    }
+
     fn login_failed<P: Peer>(&mut self, peer: &mut P, text: &str) -> io::Result<Next<B::Maildrop>> {
         reply(peer, false, text)?;
         self.failed_logins += 1;
@@ -353,14 +575,20 @@ impl<B: Backend> Session<B> {
         Ok(Next::Continue(State::Authorization { user: None }))
     }
 
-    fn capa<P: Peer>(&self, peer: &mut P) -> io::Result<()> {
+    fn capa<P: Peer>(&mut self, peer: &mut P, authorization: bool) -> io::Result<()> {
         let mut caps = String::from("+OK Capability list follows\r\n");
         caps.push_str("TOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n");
         if peer.can_start_tls() {
             caps.push_str("STLS\r\n");
         }
-        if self.auth_allowed(peer) {
+        if authorization && self.auth_allowed(peer) {
             caps.push_str("USER\r\n");
+            let mechs = self.mechanisms().join(" ");
+            if !mechs.is_empty() {
+                caps.push_str("SASL ");
+                caps.push_str(&mechs);
+                caps.push_str("\r\n");
+            }
         }
         caps.push_str(concat!(
             "IMPLEMENTATION aiopopd ",
@@ -432,9 +660,9 @@ impl<B: Backend> Session<B> {
                 let n = t.deleted.len();
                 reply(peer, true, &format!("{n} messages"))?
             }
-            Command::Capa => self.capa(peer)?,
+            Command::Capa => self.capa(peer, false)?,
             Command::Quit => return self.update(peer, t),
-            Command::User(_) | Command::Pass(_) | Command::Apop => {
+            Command::User(_) | Command::Pass(_) | Command::Apop | Command::Auth(_) => {
                 reply(peer, false, "Already logged in.")?
             }
             Command::Stls => reply(peer, false, "STLS is only allowed before login.")?,
@@ -708,6 +936,9 @@ mod tests {
         fn is_secure(&self) -> bool {
             self.secure
         }
+        fn read_sasl_line(&mut self) -> io::Result<Line> {
+            self.read_line()
+        }
         fn can_start_tls(&self) -> bool {
             false
         }
@@ -736,6 +967,7 @@ mod tests {
             hostname: "pop.test".into(),
             allow_plaintext_auth: true,
             uidl_format: UidlFormat::default(),
+            sasl: None,
         }
     }
 
@@ -926,8 +1158,61 @@ mod tests {
         let out = run("CAPA\r\n");
         assert!(out.contains(
             "+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n\
-             PIPELINING\r\nUSER\r\nIMPLEMENTATION aiopopd "
+             PIPELINING\r\nUSER\r\nSASL PLAIN LOGIN\r\nIMPLEMENTATION aiopopd "
         ));
+    }
+
+    #[test]
+    fn auth_plain_and_login_log_in_like_user_pass() {
+        // "\0u\0pw" and "u\0u\0pw", then LOGIN's two prompts.
+        let out = run("AUTH PLAIN AHUAcHc=\r\nQUIT\r\n");
+        assert_eq!(transcript(&out)[1], "+OK Logged in, 3 messages.");
+        let out = run("AUTH PLAIN\r\ndQB1AHB3\r\nQUIT\r\n");
+        assert!(out.contains("+ \r\n+OK Logged in, 3 messages."), "{out}");
+        let out = run("AUTH LOGIN\r\ndQ==\r\ncHc=\r\nQUIT\r\n");
+        assert!(
+            out.contains("+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n+OK Logged in"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn auth_failures_cancel_and_garbage() {
+        let out = run(concat!(
+            "AUTH PLAIN AHUAd3Jvbmc=\r\n", // wrong password
+            "AUTH PLAIN\r\n*\r\n",         // cancelled
+            "AUTH PLAIN eHh4\r\n",         // no NULs
+            "AUTH PLAIN dgB1AHB3\r\n",     // authzid "v" isn't the user
+        ));
+        assert_eq!(
+            transcript(&out)[1..],
+            [
+                "-ERR [AUTH] Authentication failed.",
+                "-ERR Authentication cancelled.",
+                "-ERR Invalid SASL response.",
+                "-ERR [AUTH] Authentication failed.",
+            ]
+        );
+    }
+
+    #[test]
+    fn auth_lists_mechanisms_and_refuses_unknown_ones() {
+        let out = run("AUTH\r\nAUTH GSSAPI\r\nAUTH CRAM-MD5\r\n");
+        assert!(out.contains("+OK Supported mechanisms follow\r\nPLAIN\r\nLOGIN\r\n.\r\n"));
+        assert_eq!(
+            transcript(&out)
+                .iter()
+                .filter(|l| l.contains("Unsupported"))
+                .count(),
+            2
+        );
+        let s = Settings {
+            sasl: Some(vec!["LOGIN".into()]),
+            ..settings()
+        };
+        let (out, _) = run_with(fake(), s, "CAPA\r\nAUTH PLAIN AHUAcHc=\r\n");
+        assert!(out.contains("SASL LOGIN\r\n"));
+        assert!(out.ends_with("-ERR Unsupported authentication mechanism.\r\n"));
     }
 
     #[test]

@@ -85,7 +85,7 @@ fn multi_line(cmd: &str) -> bool {
     let has_arg = w.next().is_some();
     match verb.as_str() {
         "CAPA" | "RETR" | "TOP" => true,
-        "LIST" | "UIDL" => !has_arg,
+        "LIST" | "UIDL" | "AUTH" => !has_arg,
         _ => false,
     }
 }

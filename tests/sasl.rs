@@ -1,0 +1,237 @@
+//! SASL through aiopopd against a private Dovecot: PLAIN and LOGIN decoded by aiopopd, and
+//! CRAM-MD5 and SCRAM relayed step by step, with the client's answers computed here (Python's
+//! hmac/hashlib), never by aiopopd, which never sees the password.
+
+mod common;
+
+use common::activate::Activator;
+use common::dovecot::Dovecot;
+use common::pop3::{args, replies, session};
+use std::process::Command;
+
+/// A SASL client in Python: `mech password` on the command line, prints each server line.
+const CLIENT: &str = r#"
+import base64, hashlib, hmac, os, socket, sys
+port, mech, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+f = s.makefile("rb")
+def line():
+    l = f.readline().decode("latin-1").rstrip("\r\n")
+    print("S:", l)
+    return l
+def send(x):
+    s.sendall(x.encode() + b"\r\n")
+b64 = lambda b: base64.b64encode(b).decode()
+unb64 = lambda t: base64.b64decode(t)
+line()
+send("AUTH " + mech)
+if mech == "CRAM-MD5":
+    chal = unb64(line()[2:])
+    send(b64((user + " " + hmac.new(password.encode(), chal, hashlib.md5).hexdigest()).encode()))
+elif mech.startswith("SCRAM-"):
+    h = {"SCRAM-SHA-1": "sha1", "SCRAM-SHA-256": "sha256"}[mech]
+    line()  # the empty challenge: client first
+    nonce = b64(os.urandom(18))
+    bare = "n=" + user + ",r=" + nonce
+    send(b64(("n,," + bare).encode()))
+    first = unb64(line()[2:]).decode()
+    attrs = dict(a.split("=", 1) for a in first.split(","))
+    salted = hashlib.pbkdf2_hmac(h, password.encode(), unb64(attrs["s"]), int(attrs["i"]))
+    ckey = hmac.new(salted, b"Client Key", h).digest()
+    skey = hashlib.new(h, ckey).digest()
+    final_bare = "c=biws,r=" + attrs["r"]
+    auth_msg = (bare + "," + first + "," + final_bare).encode()
+    sig = hmac.new(skey, auth_msg, h).digest()
+    proof = bytes(a ^ b for a, b in zip(ckey, sig))
+    send(b64((final_bare + ",p=" + b64(proof)).encode()))
+    l = line()
+    if l.startswith("+ "):
+        server_final = unb64(l[2:]).decode()
+        skey2 = hmac.new(salted, b"Server Key", h).digest()
+        expect = b64(hmac.new(skey2, auth_msg, h).digest())
+        print("server signature ok:", server_final == "v=" + expect)
+        send("")
+    else:
+        print("S-early:", l)
+        sys.exit(0)
+l = line()
+if l.startswith("+OK"):
+    send("STAT"); line()
+send("QUIT"); line()
+"#;
+
+fn python_auth(port: u16, mech: &str, password: &str) -> String {
+    let out = Command::new("python3")
+        .args(["-c", CLIENT, &port.to_string(), mech, "alice", password])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn dovecot() -> Dovecot {
+    let d = Dovecot::start();
+    d.deliver("alice", "INBOX", b"Subject: one\r\n\r\nbody\r\n");
+    d
+}
+
+#[test]
+fn capa_and_auth_list_the_mechanisms_dovecot_offers() {
+    let d = dovecot();
+    let script = "CAPA\r\nAUTH\r\nQUIT\r\n";
+    let r = replies(&session(&d, &[], script).stdout, script);
+    assert!(
+        r[1].body_str()
+            .contains("SASL PLAIN LOGIN CRAM-MD5 SCRAM-SHA-1 SCRAM-SHA-256\r\n"),
+        "{}",
+        r[1].body_str()
+    );
+    assert_eq!(
+        r[2].body_str(),
+        "PLAIN\r\nLOGIN\r\nCRAM-MD5\r\nSCRAM-SHA-1\r\nSCRAM-SHA-256\r\n"
+    );
+    assert!(!r[1].body_str().contains("-PLUS"));
+    let r = replies(&session(&d, &["--sasl", "cram-md5"], script).stdout, script);
+    assert!(r[1].body_str().contains("SASL CRAM-MD5\r\n"));
+}
+
+#[test]
+fn plain_and_login_work_with_dovecot_and_with_user_dir() {
+    let d = dovecot();
+    // AGFsaWNlAGFsaWNlLXB3 = "\0alice\0alice-pw"; YWxpY2U= "alice"; YWxpY2UtcHc= "alice-pw"
+    let script = "AUTH PLAIN AGFsaWNlAGFsaWNlLXB3\r\nSTAT\r\nQUIT\r\n";
+    let r = replies(&session(&d, &[], script).stdout, script);
+    assert_eq!(r[1].status, "+OK Logged in, 1 messages.");
+    let out = session(
+        &d,
+        &[],
+        "AUTH LOGIN\r\nYWxpY2U=\r\nYWxpY2UtcHc=\r\nQUIT\r\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("+ VXNlcm5hbWU6\r\n+ UGFzc3dvcmQ6\r\n+OK Logged in, 1 messages.\r\n"),
+        "{text}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("alice"),
+        format!(
+            r#"{{"hostname": "127.0.0.1", "port": {}, "ssl": false}}"#,
+            d.imap_port
+        ),
+    )
+    .unwrap();
+    let a = [
+        "--user-dir",
+        dir.path().to_str().unwrap(),
+        "--allow-plaintext-auth",
+        "-l",
+    ]
+    .map(String::from);
+    let script = "CAPA\r\nAUTH PLAIN AGFsaWNlAGFsaWNlLXB3\r\nQUIT\r\n";
+    let r = replies(&common::pop3::run(&a, script.as_bytes()).stdout, script);
+    assert!(
+        r[1].body_str().contains("SASL PLAIN LOGIN\r\n"),
+        "no relay with --user-dir"
+    );
+    assert_eq!(r[2].status, "+OK Logged in, 1 messages.");
+}
+
+#[test]
+fn challenge_response_mechanisms_are_relayed_and_the_password_never_passes() {
+    let d = dovecot();
+    let mut a = args(&d);
+    a.push("-v".into());
+    let act = Activator::start(true, &a);
+    for mech in ["CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"] {
+        let out = python_auth(act.port, mech, "alice-pw");
+        assert!(
+            out.contains("S: +OK Logged in, 1 messages."),
+            "{mech}: {out}"
+        );
+        assert!(out.contains("S: +OK 1 "), "{mech}: {out}");
+        if mech.starts_with("SCRAM") {
+            assert!(
+                out.contains("server signature ok: True"),
+                "{mech}: the server's proof passes through: {out}"
+            );
+        }
+        let out = python_auth(act.port, mech, "wrong-password");
+        assert!(
+            out.contains("-ERR [AUTH] Authentication failed."),
+            "{mech}: {out}"
+        );
+    }
+}
+
+#[test]
+fn curl_logs_in_with_cram_md5() {
+    let d = dovecot();
+    let act = Activator::start(true, &args(&d));
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-u",
+            "alice:alice-pw",
+            "--login-options",
+            "AUTH=CRAM-MD5",
+        ])
+        .arg(format!("pop3://127.0.0.1:{}/1", act.port))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"Subject: one\r\n\r\nbody\r\n");
+}
+
+#[test]
+fn auth_is_refused_before_tls_unless_plaintext_is_allowed_and_never_logged() {
+    let d = dovecot();
+    let a = [
+        "-H",
+        "127.0.0.1",
+        "-p",
+        &d.imap_port.to_string(),
+        "-l",
+        "-v",
+    ]
+    .map(String::from);
+    let script = "AUTH PLAIN AGFsaWNlAGFsaWNlLXB3\r\nAUTH\r\nQUIT\r\n";
+    let out = common::pop3::run(&a, script.as_bytes());
+    let r = replies(&out.stdout, script);
+    assert!(r[1].status.starts_with("-ERR [AUTH] "));
+    assert!(r[2].status.starts_with("-ERR [AUTH] "));
+    // With plaintext allowed: a wrong PLAIN password appears nowhere in the log, raw or base64.
+    // AGFsaWNlAFplYnJhLVF1YXJ0ei05MQ== = "\0alice\0Zebra-Quartz-91"
+    let script = "AUTH PLAIN AGFsaWNlAFplYnJhLVF1YXJ0ei05MQ==\r\nQUIT\r\n";
+    let out = session(&d, &["-v"], script);
+    assert!(replies(&out.stdout, script)[1]
+        .status
+        .starts_with("-ERR [AUTH]"));
+    for secret in [
+        "Zebra-Quartz-91",
+        "AGFsaWNlAFplYnJhLVF1YXJ0ei05MQ",
+        "WmVicmEtUXVhcnR6LTkx",
+    ] {
+        assert!(
+            !out.stderr.contains(secret),
+            "{secret} in the log: {}",
+            out.stderr
+        );
+    }
+    assert!(
+        out.stderr.contains("login failed: user=alice "),
+        "{}",
+        out.stderr
+    );
+}
