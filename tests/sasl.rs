@@ -235,3 +235,126 @@ fn auth_is_refused_before_tls_unless_plaintext_is_allowed_and_never_logged() {
         out.stderr
     );
 }
+
+/// A scripted IMAP server offering only token mechanisms (Dovecot can't check OAuth tokens
+/// without an OAuth server): accepts the token `good`, answers any other with RFC 7628's error
+/// challenge, and records every line it receives.
+struct OAuthServer {
+    port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl OAuthServer {
+    fn start() -> OAuthServer {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = received.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let mut w = conn.try_clone().unwrap();
+                    let mut r = BufReader::new(conn);
+                    let mut line = || {
+                        let mut l = String::new();
+                        r.read_line(&mut l).ok().filter(|n| *n > 0)?;
+                        let l = l.trim_end().to_string();
+                        log.lock().unwrap().push(l.clone());
+                        Some(l)
+                    };
+                    let _ = w.write_all(b"* OK fake IMAP ready\r\n");
+                    while let Some(l) = line() {
+                        let (tag, cmd) = l.split_once(' ').unwrap_or((&l, ""));
+                        let reply = if cmd == "CAPABILITY" {
+                            format!("* CAPABILITY IMAP4rev1 AUTH=XOAUTH2 AUTH=OAUTHBEARER AUTH=SCRAM-SHA-256-PLUS\r\n{tag} OK done\r\n")
+                        } else if cmd.starts_with("AUTHENTICATE ") {
+                            let _ = w.write_all(b"+ \r\n");
+                            let Some(token) = line() else { return };
+                            let token =
+                                String::from_utf8(base64_decode(&token)).unwrap_or_default();
+                            if token.contains("auth=Bearer good\u{1}") {
+                                format!("{tag} OK authenticated\r\n")
+                            } else {
+                                // {"status":"401","schemes":"bearer","scope":"mail"}
+                                let _ = w.write_all(b"+ eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=\r\n");
+                                let _ = line();
+                                format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")
+                            }
+                        } else if cmd.starts_with("EXAMINE ") {
+                            format!("* 0 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n{tag} OK [READ-ONLY] done\r\n")
+                        } else if cmd == "LOGOUT" {
+                            format!("* BYE bye\r\n{tag} OK done\r\n")
+                        } else {
+                            format!("{tag} BAD unexpected\r\n")
+                        };
+                        let _ = w.write_all(reply.as_bytes());
+                    }
+                });
+            }
+        });
+        OAuthServer { port, received }
+    }
+
+    fn received(&self) -> Vec<String> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import base64,sys; sys.stdout.buffer.write(base64.b64decode(sys.argv[1]))",
+            s,
+        ])
+        .output()
+        .unwrap();
+    out.stdout
+}
+
+#[test]
+fn oauth_tokens_and_their_error_challenge_pass_through_unchanged() {
+    let server = OAuthServer::start();
+    let a = [
+        "-H",
+        "127.0.0.1",
+        "-p",
+        &server.port.to_string(),
+        "--allow-plaintext-auth",
+        "-l",
+    ]
+    .map(String::from);
+    // user=alice^Aauth=Bearer good^A^A, and the same with a bad token.
+    let good = "dXNlcj1hbGljZQFhdXRoPUJlYXJlciBnb29kAQE=";
+    let bad = "dXNlcj1hbGljZQFhdXRoPUJlYXJlciBiYWQBAQ==";
+    let script = format!("CAPA\r\nAUTH XOAUTH2 {bad}\r\n\r\nAUTH OAUTHBEARER\r\n*\r\nAUTH XOAUTH2 {good}\r\nQUIT\r\n");
+    let out = common::pop3::run(&a, script.as_bytes());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("SASL PLAIN LOGIN XOAUTH2 OAUTHBEARER\r\n"),
+        "no -PLUS: {text}"
+    );
+    assert!(
+        text.contains("+ eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=\r\n-ERR [AUTH] Authentication failed.\r\n"),
+        "the error challenge reaches the client unchanged: {text}"
+    );
+    assert!(
+        text.contains("+ \r\n-ERR Authentication cancelled.\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("+OK Logged in, 0 messages.\r\n"), "{text}");
+    let got = server.received();
+    assert!(
+        got.contains(&bad.to_string()) && got.contains(&good.to_string()),
+        "tokens relayed unchanged: {got:?}"
+    );
+    assert!(
+        out.stderr.contains("login failed: user=alice "),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("Bearer") && !out.stderr.contains(good));
+}
