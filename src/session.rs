@@ -90,6 +90,16 @@ enum State<M> {
 struct Transaction<M> {
     drop: M,
     deleted: Vec<bool>,
+    /// The first chunk of the next message, fetched while the client was still reading the
+    /// previous one (see `prefetch`).
+    prefetched: Option<Prefetched>,
+}
+
+struct Prefetched {
+    uid: u32,
+    /// How much was asked for: fewer octets means the message ended.
+    want: u64,
+    data: Vec<u8>,
 }
 
 /// How a command handler leaves the session.
@@ -437,6 +447,7 @@ impl<B: Backend> Session<B> {
                 Ok(Next::Continue(State::Transaction(Transaction {
                     drop,
                     deleted: vec![false; n],
+                    prefetched: None,
                 })))
             }
             Err(e) => {
@@ -694,7 +705,15 @@ impl<B: Backend> Session<B> {
             RETR_CHUNK
         };
         let mut chunk = Vec::new();
-        match t.drop.fetch(m.uid, 0, want, &mut chunk) {
+        let first = match t.prefetched.take() {
+            Some(p) if p.uid == m.uid => {
+                want = p.want;
+                chunk = p.data;
+                Ok(())
+            }
+            _ => t.drop.fetch(m.uid, 0, want, &mut chunk),
+        };
+        match first {
             Ok(()) => {}
             Err(Error::Gone) => {
                 reply(peer, false, "That message was deleted by another client.")?;
@@ -742,6 +761,7 @@ impl<B: Backend> Session<B> {
         peer.write_all(&out)?;
         if top.is_none() {
             self.summary.retrieved += 1;
+            prefetch(peer, &mut t, no)?;
         }
         Ok(Next::Continue(State::Transaction(t)))
     }
@@ -790,6 +810,35 @@ impl<B: Backend> Session<B> {
             }
         }
     }
+}
+
+/// A lock-step client (RETR, wait, RETR, ...) would pay an IMAP round trip per message on top
+/// of its own. After a RETR, with no command waiting, send the message on its way and fetch the
+/// first chunk of the next one while the client reads: its next RETR is then answered at once.
+/// At most one chunk is held. A client that pipelines has its next command waiting already and
+/// gains nothing, so it is skipped; failures are left for the RETR that would meet them.
+fn prefetch<P: Peer, M: Maildrop>(
+    peer: &mut P,
+    t: &mut Transaction<M>,
+    after: MsgNo,
+) -> io::Result<()> {
+    if peer.has_pending_input() {
+        return Ok(());
+    }
+    let next = (after as usize..t.deleted.len()).find(|&i| !t.deleted[i]);
+    let Some(uid) = next.and_then(|i| t.drop.messages().get(i)).map(|m| m.uid) else {
+        return Ok(());
+    };
+    peer.flush()?;
+    let mut data = Vec::new();
+    if t.drop.fetch(uid, 0, RETR_CHUNK, &mut data).is_ok() {
+        t.prefetched = Some(Prefetched {
+            uid,
+            want: RETR_CHUNK,
+            data,
+        });
+    }
+    Ok(())
 }
 
 impl<M: Maildrop> Transaction<M> {
@@ -850,6 +899,7 @@ mod tests {
         gone: Vec<u32>,
         commits: std::rc::Rc<std::cell::RefCell<Vec<Vec<u32>>>>,
         commit_fails: bool,
+        fetches: std::rc::Rc<std::cell::Cell<usize>>,
     }
 
     impl Backend for Fake {
@@ -881,6 +931,7 @@ mod tests {
             )
         }
         fn fetch(&mut self, uid: u32, off: u64, len: u64, out: &mut Vec<u8>) -> Result<(), Error> {
+            self.fetches.set(self.fetches.get() + 1);
             if self.gone.contains(&uid) {
                 return Err(Error::Gone);
             }
@@ -907,6 +958,8 @@ mod tests {
         input: VecDeque<u8>,
         output: Vec<u8>,
         secure: bool,
+        /// Behave like a lock-step client: never show input as already waiting.
+        lockstep: bool,
     }
 
     impl Write for Pipe {
@@ -943,7 +996,7 @@ mod tests {
             false
         }
         fn has_pending_input(&self) -> bool {
-            !self.input.is_empty()
+            !self.lockstep && !self.input.is_empty()
         }
         fn start_tls(&mut self) -> io::Result<()> {
             Err(io::ErrorKind::Unsupported.into())
@@ -976,6 +1029,7 @@ mod tests {
             input: script.bytes().collect(),
             output: Vec::new(),
             secure: false,
+            lockstep: false,
         };
         let summary = Session::new(backend, settings).run(&mut pipe);
         (String::from_utf8_lossy(&pipe.output).into_owned(), summary)
@@ -1213,6 +1267,25 @@ mod tests {
         let (out, _) = run_with(fake(), s, "CAPA\r\nAUTH PLAIN AHUAcHc=\r\n");
         assert!(out.contains("SASL LOGIN\r\n"));
         assert!(out.ends_with("-ERR Unsupported authentication mechanism.\r\n"));
+    }
+
+    #[test]
+    fn a_lockstep_client_gets_the_next_message_prefetched() {
+        let script = format!("{LOGIN}RETR 1\r\nDELE 2\r\nRETR 3\r\nRETR 1\r\nTOP 1 0\r\nQUIT\r\n");
+        let piped = run(&script);
+        let f = fake();
+        let fetches = f.fetches.clone();
+        let mut pipe = Pipe {
+            input: script.bytes().collect(),
+            output: Vec::new(),
+            secure: false,
+            lockstep: true,
+        };
+        Session::new(f, settings()).run(&mut pipe);
+        assert_eq!(String::from_utf8_lossy(&pipe.output), piped, "same replies");
+        // RETR 1 (1) + prefetch 2 (1); RETR 3: 2 is deleted since, so 3 is fetched afresh
+        // (4 chunks); RETR 1 again (1) + prefetch 3 (1); TOP 1 (1).
+        assert_eq!(fetches.get(), 1 + 1 + 4 + 1 + 1 + 1);
     }
 
     #[test]
