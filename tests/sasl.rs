@@ -20,6 +20,7 @@ def line():
     print("S:", l)
     return l
 def send(x):
+    print("C:", x)
     s.sendall(x.encode() + b"\r\n")
 b64 = lambda b: base64.b64encode(b).decode()
 unb64 = lambda t: base64.b64decode(t)
@@ -150,6 +151,13 @@ fn challenge_response_mechanisms_are_relayed_and_the_password_never_passes() {
     let act = Activator::start(true, &a);
     for mech in ["CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"] {
         let out = python_auth(act.port, mech, "alice-pw");
+        // Everything aiopopd received is in the C: lines; the password is in none of them.
+        for sent in out.lines().filter(|l| l.starts_with("C:")) {
+            assert!(
+                !sent.contains("alice-pw") && !sent.contains("YWxpY2UtcHc"),
+                "{sent}"
+            );
+        }
         assert!(
             out.contains("S: +OK Logged in, 1 messages."),
             "{mech}: {out}"
@@ -167,6 +175,30 @@ fn challenge_response_mechanisms_are_relayed_and_the_password_never_passes() {
             "{mech}: {out}"
         );
     }
+    let log = act.log();
+    assert!(log.contains("user=alice logged in"), "{log}");
+    assert!(log.contains("login failed: user=alice "), "{log}");
+    for secret in ["alice-pw", "YWxpY2UtcHc", "wrong-password"] {
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
+}
+
+#[test]
+fn sasl_responses_may_be_long_but_are_bounded() {
+    let d = dovecot();
+    // A 10 KB answer is read (and is no valid PLAIN); a 20 KB one is refused as too long.
+    let script = format!(
+        "AUTH PLAIN\r\n{}\r\nAUTH PLAIN\r\n{}\r\nNOOP\r\n",
+        "QUFB".repeat(2500),
+        "QUFB".repeat(5000)
+    );
+    let out = String::from_utf8_lossy(&session(&d, &[], &script).stdout).into_owned();
+    assert!(
+        out.contains(
+            "+ \r\n-ERR Invalid SASL response.\r\n+ \r\n-ERR SASL response too long.\r\n+OK\r\n"
+        ),
+        "{out}"
+    );
 }
 
 #[test]

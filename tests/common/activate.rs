@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 pub struct Activator {
     child: Child,
     pub port: u16,
+    /// Where the sessions' stderr goes (their log, with -l).
+    log: tempfile::NamedTempFile,
 }
 
 impl Activator {
@@ -28,8 +30,9 @@ impl Activator {
             cmd.arg("--inetd");
         }
         cmd.arg(BIN).args(aiopopd_args);
-        // -l logs to stderr; in the fd-3 form stderr is ours, not the client's.
-        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        // -l logs to stderr; in both forms stderr is ours, not the client's: keep it.
+        let log = tempfile::NamedTempFile::new().unwrap();
+        cmd.stdout(Stdio::null()).stderr(log.reopen().unwrap());
         let child = cmd
             .spawn()
             .expect("systemd-socket-activate (Debian package systemd) is needed");
@@ -42,7 +45,12 @@ impl Activator {
             std::thread::sleep(Duration::from_millis(20));
         }
         // That probe connection spawned a session that ends at EOF; harmless.
-        Activator { child, port }
+        Activator { child, port, log }
+    }
+
+    /// Everything the sessions logged so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.log.path()).unwrap()).into_owned()
     }
 }
 
