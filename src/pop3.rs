@@ -260,7 +260,7 @@ impl DotStuffer {
                     out.push(b'.');
                 }
             }
-            match chunk.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', chunk) {
                 Some(i) => {
                     let line = &chunk[..i];
                     out.extend_from_slice(line);

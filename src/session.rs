@@ -14,7 +14,7 @@ use std::io::{self, Write};
 
 /// Octets asked of the backend per round trip for RETR: big enough that a typical message is one
 /// round trip, small enough that memory stays bounded whatever the message size.
-pub const RETR_CHUNK: u64 = 1 << 20;
+pub const RETR_CHUNK: u64 = 256 << 10;
 /// TOP usually wants a few KB of header: ask for less first, then continue in RETR_CHUNKs.
 pub const TOP_FIRST_CHUNK: u64 = 64 << 10;
 /// Bad commands before login tolerated before we hang up (Dovecot-style budget).
