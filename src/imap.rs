@@ -8,6 +8,7 @@
 //! to the log only.
 
 use crate::config::{check_plaintext, ImapSecurity, ImapServer, OnDele, Source};
+use crate::imapwire::{self, Shared};
 use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
 use crate::pop3::Secret;
 use std::io::{self, Read, Write};
@@ -32,7 +33,7 @@ pub struct ImapBackend {
     settings: Settings,
     /// A connection opened early to learn the SASL mechanisms (CAPA/AUTH before login),
     /// kept for the login that follows.
-    connected: Option<imap::Client<Stream>>,
+    connected: Option<Connection>,
 }
 
 /// The byte stream under the IMAP session.
@@ -65,7 +66,13 @@ impl Write for Stream {
     }
 }
 
-type Session = imap::Session<Stream>;
+type Session = imap::Session<Shared<Stream>>;
+
+/// A connection not yet logged in: the crate's client, and our handle on the same stream.
+struct Connection {
+    client: imap::Client<Shared<Stream>>,
+    wire: Shared<Stream>,
+}
 
 /// Where one user's login goes.
 struct Account {
@@ -156,7 +163,7 @@ impl ImapBackend {
 impl ImapBackend {
     /// The connection for this account: the one opened early, if it went to the same server,
     /// or a new one.
-    fn client(&mut self, server: &ImapServer) -> Result<imap::Client<Stream>, Error> {
+    fn client(&mut self, server: &ImapServer) -> Result<Connection, Error> {
         match self.connected.take() {
             Some(c) if matches!(&self.settings.source, Source::Fixed(s) if s == server) => Ok(c),
             _ => connect(server, self.settings.timeout, self.settings.ca.as_deref()),
@@ -164,11 +171,17 @@ impl ImapBackend {
     }
 
     /// After LOGIN or AUTHENTICATE: open the mailbox and take the snapshot.
-    fn open_maildrop(&self, mut session: Session, mailbox: String) -> Result<ImapMaildrop, Error> {
+    fn open_maildrop(
+        &self,
+        mut session: Session,
+        wire: Shared<Stream>,
+        mailbox: String,
+    ) -> Result<ImapMaildrop, Error> {
         let s = &self.settings;
-        match open(&mut session, &mailbox, &s.on_dele, s.max_messages) {
+        match open(&mut session, &wire, &mailbox, &s.on_dele, s.max_messages) {
             Ok(snapshot) => Ok(ImapMaildrop {
                 session,
+                wire,
                 mailbox,
                 on_dele: s.on_dele.clone(),
                 snapshot,
@@ -186,9 +199,9 @@ impl Backend for ImapBackend {
 
     fn login(&mut self, user: &str, password: &Secret) -> Result<ImapMaildrop, Error> {
         let account = self.account(user)?;
-        let client = self.client(&account.server)?;
-        let session = login(client, &account.username, password)?;
-        self.open_maildrop(session, account.mailbox)
+        let conn = self.client(&account.server)?;
+        let session = login(conn.client, &account.username, password)?;
+        self.open_maildrop(session, conn.wire, account.mailbox)
     }
 
     /// Only with a fixed server: with --user-dir the server depends on a user name that a
@@ -198,7 +211,7 @@ impl Backend for ImapBackend {
             return Vec::new();
         };
         let server = server.clone();
-        let mut client = match self.client(&server) {
+        let mut conn = match self.client(&server) {
             Ok(c) => c,
             Err(e) => {
                 crate::log::warning(&format!(
@@ -207,7 +220,7 @@ impl Backend for ImapBackend {
                 return Vec::new();
             }
         };
-        let mechs = match client.capabilities() {
+        let mechs = match conn.client.capabilities() {
             Ok(caps) => crate::session::RELAYED_MECHANISMS
                 .iter()
                 .filter(|m| caps.has_str(format!("AUTH={m}")))
@@ -218,7 +231,7 @@ impl Backend for ImapBackend {
                 return Vec::new();
             }
         };
-        self.connected = Some(client);
+        self.connected = Some(conn);
         mechs
     }
 
@@ -234,12 +247,13 @@ impl Backend for ImapBackend {
             ));
         };
         let server = server.clone();
-        let imap_client = self.client(&server)?;
+        let conn = self.client(&server)?;
         let relay = RelayAuth {
             client: std::cell::RefCell::new(client),
             initial: std::cell::RefCell::new(initial),
         };
-        let session = imap_client
+        let session = conn
+            .client
             .authenticate(mechanism, &relay)
             .map_err(|(e, _)| match e {
                 imap::Error::No(no) => classify_no(&no.information),
@@ -248,7 +262,7 @@ impl Backend for ImapBackend {
                 }
                 e => imap_error(e),
             })?;
-        self.open_maildrop(session, self.settings.mailbox.clone())
+        self.open_maildrop(session, conn.wire, self.settings.mailbox.clone())
     }
 }
 
@@ -280,7 +294,7 @@ fn connect(
     server: &ImapServer,
     timeout: Duration,
     ca: Option<&std::path::Path>,
-) -> Result<imap::Client<Stream>, Error> {
+) -> Result<Connection, Error> {
     let where_ = format!("{}:{}", server.host, server.port);
     let addrs = (server.host.as_str(), server.port)
         .to_socket_addrs()
@@ -314,7 +328,8 @@ fn connect(
             tls_wrap(tcp, &server.host, ca, &where_)?
         }
     };
-    let mut client = imap::Client::new(stream);
+    let wire = Shared::new(stream);
+    let mut client = imap::Client::new(wire.clone());
     if server.security != ImapSecurity::StartTls {
         let greeting = client.read_greeting().map_err(imap_error)?;
         if !greeting.starts_with(b"* OK") {
@@ -324,7 +339,7 @@ fn connect(
             )));
         }
     }
-    Ok(client)
+    Ok(Connection { client, wire })
 }
 
 /// TLS 1.2+ with the certificate and host name verified against the system roots and `ca`.
@@ -445,7 +460,7 @@ impl imap::Authenticator for Plain<'_> {
     }
 }
 
-fn login(client: imap::Client<Stream>, user: &str, password: &Secret) -> Result<Session, Error> {
+fn login(client: imap::Client<Shared<Stream>>, user: &str, password: &Secret) -> Result<Session, Error> {
     let pw = password.expose();
     if user
         .bytes()
@@ -479,6 +494,19 @@ fn classify_no(text: &str) -> Error {
         "UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "OVERQUOTA" => Error::Temp(detail),
         "INUSE" => Error::InUse(detail),
         _ => Error::Auth(detail),
+    }
+}
+
+fn wire_error(what: &str, e: imapwire::Failed) -> Error {
+    match e {
+        imapwire::Failed::Io(e)
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+        {
+            Error::Temp(format!("{what}: the IMAP server timed out"))
+        }
+        imapwire::Failed::Io(e) => Error::Temp(format!("{what}: {e}")),
+        imapwire::Failed::No(t) => Error::Temp(format!("{what}: NO {t}")),
+        imapwire::Failed::Broken(t) => Error::Temp(format!("{what}: {t}")),
     }
 }
 
@@ -542,6 +570,7 @@ struct Snapshot {
 
 fn open(
     session: &mut Session,
+    wire: &Shared<Stream>,
     mailbox: &str,
     on_dele: &OnDele,
     max: Option<usize>,
@@ -566,28 +595,17 @@ fn open(
         .ok_or_else(|| Error::Temp(format!("no UIDVALIDITY for {mailbox}")))?;
     let mut messages = Vec::with_capacity(sel.exists as usize);
     if sel.exists > 0 {
-        let fetches = session
-            .fetch("1:*", "(UID RFC822.SIZE FLAGS)")
-            .map_err(imap_error)?;
-        for f in fetches.iter() {
-            let (Some(uid), Some(size)) = (f.uid, f.size) else {
-                continue;
-            };
+        wire.list(&mut |uid, size, flags| {
             let listed = match on_dele {
-                OnDele::Seen => !f.flags().contains(&imap::types::Flag::Seen),
-                OnDele::Keyword(k) => !f.flags().iter().any(|fl| match fl {
-                    imap::types::Flag::Custom(c) => c.eq_ignore_ascii_case(k),
-                    _ => false,
-                }),
+                OnDele::Seen => !imapwire::has_flag(flags, "\\Seen"),
+                OnDele::Keyword(k) => !imapwire::has_flag(flags, k),
                 OnDele::Expunge | OnDele::Move(_) | OnDele::Keep => true,
             };
             if listed {
-                messages.push(Message {
-                    uid,
-                    size: u64::from(size),
-                });
+                messages.push(Message { uid, size });
             }
-        }
+        })
+        .map_err(|e| wire_error("listing", e))?;
     }
     // Unsolicited FETCH lines (another client changing flags) could repeat a UID.
     messages.sort_by_key(|m| m.uid);
@@ -604,6 +622,7 @@ fn open(
 
 pub struct ImapMaildrop {
     session: Session,
+    wire: Shared<Stream>,
     mailbox: String,
     on_dele: OnDele,
     snapshot: Snapshot,
@@ -619,30 +638,13 @@ impl Maildrop for ImapMaildrop {
     }
 
     fn fetch(&mut self, uid: u32, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), Error> {
-        let fetches = self
-            .session
-            .uid_fetch(uid.to_string(), format!("BODY.PEEK[]<{offset}.{len}>"))
-            .map_err(|e| match e {
-                imap::Error::No(no) if no.information.contains("EXPUNGEISSUED") => Error::Gone,
-                e => imap_error(e),
-            })?;
-        // Other clients' flag changes arrive as FETCH lines too: pick ours.
-        let ours = fetches
-            .iter()
-            .find(|f| f.uid == Some(uid) && f.body().is_some());
-        let result = match ours {
-            Some(f) => {
-                out.extend_from_slice(f.body().unwrap_or_default());
-                Ok(())
-            }
-            // A partial fetch past the end still answers with an empty body; no answer at all
-            // means the message is gone.
-            None if fetches.iter().any(|f| f.uid == Some(uid)) => Ok(()),
-            None => Err(Error::Gone),
-        };
-        drop(fetches);
-        self.session.take_all_unsolicited().for_each(drop);
-        result
+        match self.wire.fetch_body(uid, offset, len, out) {
+            Ok(true) => Ok(()),
+            // No answer for the UID: another client expunged it.
+            Ok(false) => Err(Error::Gone),
+            Err(imapwire::Failed::No(text)) if text.contains("EXPUNGEISSUED") => Err(Error::Gone),
+            Err(e) => Err(wire_error(&format!("UID FETCH {uid}"), e)),
+        }
     }
 
     fn commit(&mut self, deleted: &[u32]) -> Result<Option<&'static str>, Error> {

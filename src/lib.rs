@@ -9,6 +9,7 @@ pub mod config;
 pub mod conn;
 pub mod fd;
 pub mod imap;
+pub mod imapwire;
 pub mod log;
 pub mod maildrop;
 pub mod pop3;
