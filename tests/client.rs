@@ -152,7 +152,7 @@ fn stderr(out: &Output) -> String {
 fn assert_passed(out: &Output, password: &str) -> String {
     let (o, e) = (stdout(out), stderr(out));
     assert!(out.status.success(), "status {}\n{o}\n{e}", out.status);
-    assert!(o.contains(">>> PASS ...\n"), "{o}");
+    assert!(o.contains(">>> PASS ...\n") || o.contains(">>> AUTH "), "{o}");
     assert!(!o.contains(password) && !e.contains(password), "{o}\n{e}");
     assert!(o.ends_with("*** check passed: every step succeeded and every reply was well-formed\n"));
     o
@@ -312,7 +312,7 @@ fn bare_lf_is_reported() {
 fn err_replies_are_reported() {
     let (port, server) = scripted("+OK\r\n", good);
     let out = run(&["-n", &port, "-u", "alice", "-p", "plain:wrong-pw"]);
-    assert_failed(&out, "PASS: the server refused the login");
+    assert_failed(&out, "the server refused the login");
     assert!(stdout(&out).contains("<<< -ERR [AUTH] Authentication failed.\n"));
     assert_eq!(server.join().unwrap().len(), 3, "nothing after PASS");
 
@@ -737,4 +737,32 @@ fn a_message_without_a_final_line_end_is_accepted_with_a_note() {
     ]);
     let text = assert_passed(&out, "alice-pw");
     assert!(text.contains("*** (2 octets more than listed"), "{text}");
+}
+
+#[test]
+fn aiopopd_with_sasl_plain_and_cram_md5() {
+    for mech in ["PLAIN", "CRAM-MD5"] {
+        let (_d, out) = against_aiopopd(None, &["--auth", mech]);
+        let text = assert_passed(&out, "alice-pw");
+        assert!(text.contains(&format!(">>> AUTH {mech}")), "{text}");
+    }
+    let d = dovecot();
+    let act = common::activate::Activator::start(true, &aiopopd_args(&d, None));
+    let port = act.port.to_string();
+    let out = run(&[
+        "-H",
+        "localhost",
+        "-n",
+        &port,
+        "-u",
+        "alice",
+        "-p",
+        "plain:nope",
+        "--auth",
+        "CRAM-MD5",
+    ]);
+    assert_failed(
+        &out,
+        "the server refused the login: -ERR [AUTH] Authentication failed.",
+    );
 }

@@ -125,21 +125,51 @@ impl<T: Transport> Session<'_, T> {
     }
 
     fn login(&mut self, config: &Config, password: &Secret) -> Result<(), Failure> {
-        match config.auth {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let reply = match config.auth {
             Auth::UserPass => {
                 let user = format!("USER {}", config.user);
                 self.ok(user.as_bytes(), &user)?;
                 let mut line = [b"PASS ", password.expose()].concat();
                 let reply = self.command(&line, "PASS ...");
                 line.fill(0);
-                let reply = reply?;
-                if !reply.ok {
-                    return Err(Failure(format!(
-                        "PASS: the server refused the login: {}",
-                        printable(&reply.line)
-                    )));
-                }
+                reply?
             }
+            Auth::Plain => {
+                let mut creds = [b"\0", config.user.as_bytes(), b"\0", password.expose()].concat();
+                let mut line = format!("AUTH PLAIN {}", b64.encode(&creds)).into_bytes();
+                creds.fill(0);
+                let reply = self.command(&line, "AUTH PLAIN ...");
+                line.fill(0);
+                reply?
+            }
+            Auth::CramMd5 => {
+                self.print(">>> AUTH CRAM-MD5")?;
+                self.conn
+                    .send(b"AUTH CRAM-MD5")
+                    .map_err(|e| context("AUTH CRAM-MD5", e))?;
+                let challenge = match self.conn.challenge_or_status()? {
+                    Ok(c) => c,
+                    Err(reply) => {
+                        return Err(Failure(format!(
+                            "AUTH CRAM-MD5: the server refused: {}",
+                            printable(&reply.line)
+                        )))
+                    }
+                };
+                self.print(&format!("<<< + (challenge {})", printable(&challenge)))?;
+                let digest = hmac_md5(password.expose(), &challenge);
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                let answer = b64.encode(format!("{} {hex}", config.user));
+                self.command(answer.as_bytes(), "(CRAM-MD5 answer: user name and digest)")?
+            }
+        };
+        if !reply.ok {
+            return Err(Failure(format!(
+                "the server refused the login: {}",
+                printable(&reply.line)
+            )));
         }
         Ok(())
     }
@@ -386,8 +416,40 @@ impl Header {
     }
 }
 
+/// HMAC-MD5 (RFC 2104), the CRAM-MD5 digest.
+fn hmac_md5(key: &[u8], message: &[u8]) -> [u8; 16] {
+    use md5::{Digest, Md5};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..16].copy_from_slice(&Md5::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let ipad = k.map(|b| b ^ 0x36);
+    let opad = k.map(|b| b ^ 0x5c);
+    let inner = Md5::new()
+        .chain_update(ipad)
+        .chain_update(message)
+        .finalize();
+    Md5::new()
+        .chain_update(opad)
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hmac_md5_matches_rfc_2195() {
+        let d = super::hmac_md5(
+            b"tanstaaftanstaaf",
+            b"<1896.697170952@postoffice.reston.mci.net>",
+        );
+        let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "b913a602c7eda7a495b4e6e7334d3890");
+    }
+
     use super::*;
     use crate::args::tests::parse_ok;
     use std::collections::VecDeque;
@@ -633,7 +695,7 @@ mod tests {
         );
         assert_eq!(
             s.result.unwrap_err().0,
-            "PASS: the server refused the login: -ERR [AUTH] no"
+            "the server refused the login: -ERR [AUTH] no"
         );
         assert!(s.transcript.contains("*** no CAPA"), "{}", s.transcript);
         assert!(!s.transcript.contains("s3cret"));

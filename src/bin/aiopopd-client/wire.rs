@@ -81,6 +81,37 @@ impl<S: Read + Write> Conn<S> {
 
     /// Reads one status line.
     pub fn status(&mut self) -> Result<Reply, Failure> {
+        let line = self.line()?;
+        parse_status(&line)
+    }
+
+    /// Reads what follows an AUTH step: a SASL challenge (`+ base64`, returned decoded) or a
+    /// final status line.
+    pub fn challenge_or_status(&mut self) -> Result<Result<Vec<u8>, Reply>, Failure> {
+        let line = self.line()?;
+        match line
+            .strip_prefix(b"+ ")
+            .or_else(|| (line == b"+\r\n").then_some(&b"\r\n"[..]))
+        {
+            Some(rest) if !line.starts_with(b"+OK") => {
+                let text = rest.strip_suffix(b"\r\n").unwrap_or(rest);
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map(Ok)
+                    .map_err(|_| {
+                        Failure(format!(
+                            "the SASL challenge {} is not base64",
+                            printable(&line)
+                        ))
+                    })
+            }
+            _ => parse_status(&line).map(Err),
+        }
+    }
+
+    /// One line as sent, CRLF included, at most a status line long.
+    fn line(&mut self) -> Result<Vec<u8>, Failure> {
         let mut scanned = 0;
         loop {
             let unread = &self.buf[self.pos..];
@@ -89,9 +120,9 @@ impl<S: Read + Write> Conn<S> {
                 if end > MAX_STATUS_LINE {
                     return Err(too_long());
                 }
-                let reply = parse_status(&unread[..end]);
+                let line = unread[..end].to_vec();
                 self.pos += end;
-                return reply;
+                return Ok(line);
             }
             if unread.len() >= MAX_STATUS_LINE {
                 return Err(too_long());
