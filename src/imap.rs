@@ -460,7 +460,11 @@ impl imap::Authenticator for Plain<'_> {
     }
 }
 
-fn login(client: imap::Client<Shared<Stream>>, user: &str, password: &Secret) -> Result<Session, Error> {
+fn login(
+    client: imap::Client<Shared<Stream>>,
+    user: &str,
+    password: &Secret,
+) -> Result<Session, Error> {
     let pw = password.expose();
     if user
         .bytes()
@@ -500,7 +504,10 @@ fn classify_no(text: &str) -> Error {
 fn wire_error(what: &str, e: imapwire::Failed) -> Error {
     match e {
         imapwire::Failed::Io(e)
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
         {
             Error::Temp(format!("{what}: the IMAP server timed out"))
         }

@@ -166,12 +166,16 @@ impl<S: Read + Write> Shared<S> {
         let mut w = self.0.borrow_mut();
         w.tags += 1;
         let tag = format!("p{}", w.tags);
-        w.stream.write_all(format!("{tag} {command}\r\n").as_bytes())?;
+        w.stream
+            .write_all(format!("{tag} {command}\r\n").as_bytes())?;
         w.stream.flush()?;
         let mut line = Vec::new();
         loop {
             w.line(&mut line)?;
-            if let Some(rest) = line.strip_prefix(tag.as_bytes()).and_then(|r| r.strip_prefix(b" ")) {
+            if let Some(rest) = line
+                .strip_prefix(tag.as_bytes())
+                .and_then(|r| r.strip_prefix(b" "))
+            {
                 let text = String::from_utf8_lossy(rest).trim_end().to_string();
                 let (status, detail) = text.split_once(' ').unwrap_or((&text, ""));
                 return match status.to_ascii_uppercase().as_str() {
@@ -214,7 +218,13 @@ impl<S: Read + Write> Shared<S> {
 
     /// Appends up to `len` octets of message `uid` from `offset` to `out`. `Ok(false)` if the
     /// server answered without the message (it was expunged).
-    pub fn fetch_body(&self, uid: u32, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<bool, Failed> {
+    pub fn fetch_body(
+        &self,
+        uid: u32,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, Failed> {
         let mut found = false;
         let cmd = format!("UID FETCH {uid} (UID BODY.PEEK[]<{offset}.{len}>)");
         self.run(&cmd, Some(out), &mut |u, out, before| {
@@ -251,14 +261,20 @@ impl<S: Read + Write> Shared<S> {
 
 /// `... {123}\r\n` (or `{123+}`): the text before the literal and its length.
 fn split_literal(line: &[u8]) -> Option<(&[u8], u64)> {
-    let line = line.strip_suffix(b"\r\n").or_else(|| line.strip_suffix(b"\n"))?;
+    let line = line
+        .strip_suffix(b"\r\n")
+        .or_else(|| line.strip_suffix(b"\n"))?;
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|&b| b == b'{')?;
-    let digits = inner[open + 1..].strip_suffix(b"+").unwrap_or(&inner[open + 1..]);
+    let digits = inner[open + 1..]
+        .strip_suffix(b"+")
+        .unwrap_or(&inner[open + 1..]);
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let n = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
     Some((&line[..open], n))
 }
 
@@ -276,7 +292,10 @@ fn ends_with_body_section(text: &[u8]) -> bool {
 }
 
 fn trim_end(t: &[u8]) -> &[u8] {
-    let end = t.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+    let end = t
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
     &t[..end]
 }
 
@@ -284,11 +303,14 @@ fn trim_end(t: &[u8]) -> &[u8] {
 fn is_fetch(text: &[u8]) -> bool {
     let rest = text.get(2..).unwrap_or_default();
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    digits > 0 && rest[digits..].len() >= 7 && rest[digits..digits + 7].eq_ignore_ascii_case(b" FETCH ")
+    digits > 0
+        && rest[digits..].len() >= 7
+        && rest[digits..digits + 7].eq_ignore_ascii_case(b" FETCH ")
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// The number after the data item `item` (e.g. `UID `), where `item` starts an item: after
@@ -309,7 +331,11 @@ fn number_after(text: &[u8], item: &[u8]) -> Option<u64> {
         if n == 0 || n > 19 {
             continue;
         }
-        return Some(digits[..n].iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0')));
+        return Some(
+            digits[..n]
+                .iter()
+                .fold(0u64, |v, d| v * 10 + u64::from(d - b'0')),
+        );
     }
     None
 }
@@ -402,11 +428,19 @@ mod tests {
         assert!(w.fetch_body(7, 99, 10, &mut out).unwrap());
         assert!(out.is_empty());
         let w = wire(b"p1 NO [EXPUNGEISSUED] gone\r\n", 64);
-        assert!(matches!(w.fetch_body(7, 0, 10, &mut Vec::new()), Err(Failed::No(t)) if t.contains("EXPUNGEISSUED")));
+        assert!(
+            matches!(w.fetch_body(7, 0, 10, &mut Vec::new()), Err(Failed::No(t)) if t.contains("EXPUNGEISSUED"))
+        );
         let w = wire(b"* BYE shutting down\r\n", 64);
-        assert!(matches!(w.fetch_body(7, 0, 10, &mut Vec::new()), Err(Failed::Broken(_))));
+        assert!(matches!(
+            w.fetch_body(7, 0, 10, &mut Vec::new()),
+            Err(Failed::Broken(_))
+        ));
         let w = wire(b"* 2 FETCH (UID 7 BODY[]<0> {10}\r\nshort", 64);
-        assert!(matches!(w.fetch_body(7, 0, 10, &mut Vec::new()), Err(Failed::Io(_))));
+        assert!(matches!(
+            w.fetch_body(7, 0, 10, &mut Vec::new()),
+            Err(Failed::Io(_))
+        ));
     }
 
     #[test]
@@ -425,9 +459,17 @@ mod tests {
             3,
         );
         let mut got = Vec::new();
-        w.list(&mut |uid, size, flags| got.push((uid, size, String::from_utf8_lossy(flags).into_owned())))
-            .unwrap();
-        assert_eq!(got, [(3, 120, "\\Seen $Popped".to_string()), (4, 7, String::new())]);
+        w.list(&mut |uid, size, flags| {
+            got.push((uid, size, String::from_utf8_lossy(flags).into_owned()))
+        })
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                (3, 120, "\\Seen $Popped".to_string()),
+                (4, 7, String::new())
+            ]
+        );
         assert!(has_flag(b"\\Seen $Popped", "$popped") && !has_flag(b"\\Seen", "$Popped"));
     }
 

@@ -277,6 +277,9 @@ pub mod tests {
         parse_err(&["-u", "a", "extra"]);
         parse_err(&["-u", "a", "-p", "secret"]);
         parse_err(&["-u", "a", "--auth", "GSSAPI"]);
-        assert_eq!(parse_ok(&["-u", "a", "--auth", "cram-md5"]).auth, Auth::CramMd5);
+        assert_eq!(
+            parse_ok(&["-u", "a", "--auth", "cram-md5"]).auth,
+            Auth::CramMd5
+        );
     }
 }
