@@ -152,7 +152,10 @@ fn stderr(out: &Output) -> String {
 fn assert_passed(out: &Output, password: &str) -> String {
     let (o, e) = (stdout(out), stderr(out));
     assert!(out.status.success(), "status {}\n{o}\n{e}", out.status);
-    assert!(o.contains(">>> PASS ...\n") || o.contains(">>> AUTH "), "{o}");
+    assert!(
+        o.contains(">>> PASS ...\n") || o.contains(">>> AUTH "),
+        "{o}"
+    );
     assert!(!o.contains(password) && !e.contains(password), "{o}\n{e}");
     assert!(o.ends_with("*** check passed: every step succeeded and every reply was well-formed\n"));
     o
