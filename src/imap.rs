@@ -680,17 +680,26 @@ impl Maildrop for ImapMaildrop {
                 ))),
             }
         };
-        let caps = |session: &mut Session| -> Result<(bool, bool), Error> {
-            let c = session.capabilities().map_err(imap_error)?;
-            Ok((c.has_str("UIDPLUS"), c.has_str("MOVE")))
+        let (uidplus, has_move) = match &self.on_dele {
+            OnDele::Expunge | OnDele::Move(_) => {
+                let c = session.capabilities().map_err(imap_error)?;
+                (c.has_str("UIDPLUS"), c.has_str("MOVE"))
+            }
+            _ => (false, false),
         };
         let mut remark = None;
         match &self.on_dele {
             OnDele::Keep => {}
             OnDele::Seen => step(session, format!("UID STORE {set} +FLAGS.SILENT (\\Seen)"))?,
             OnDele::Keyword(k) => step(session, format!("UID STORE {set} +FLAGS.SILENT ({k})"))?,
-            OnDele::Expunge => {
-                let (uidplus, _) = caps(session)?;
+            OnDele::Move(folder) if has_move => {
+                step(session, format!("UID MOVE {set} {}", quoted(folder)))?
+            }
+            OnDele::Expunge | OnDele::Move(_) => {
+                // Without MOVE, a move is a copy and a deletion.
+                if let OnDele::Move(folder) = &self.on_dele {
+                    step(session, format!("UID COPY {set} {}", quoted(folder)))?;
+                }
                 step(
                     session,
                     format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
@@ -701,23 +710,6 @@ impl Maildrop for ImapMaildrop {
                     // A plain EXPUNGE would also remove other clients' \Deleted mail.
                     remark =
                         Some("marked \\Deleted but not expunged: the IMAP server lacks UIDPLUS");
-                }
-            }
-            OnDele::Move(folder) => {
-                let (uidplus, has_move) = caps(session)?;
-                if has_move {
-                    step(session, format!("UID MOVE {set} {}", quoted(folder)))?;
-                } else {
-                    step(session, format!("UID COPY {set} {}", quoted(folder)))?;
-                    step(
-                        session,
-                        format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
-                    )?;
-                    if uidplus {
-                        step(session, format!("UID EXPUNGE {set}"))?;
-                    } else {
-                        remark = Some("copied and marked \\Deleted, not expunged: the IMAP server lacks UIDPLUS");
-                    }
                 }
             }
         }
