@@ -211,7 +211,7 @@ impl Backend for ImapBackend {
             return Vec::new();
         };
         let server = server.clone();
-        let mut conn = match self.client(&server) {
+        let conn = match self.client(&server) {
             Ok(c) => c,
             Err(e) => {
                 crate::log::warning(&format!(
@@ -220,14 +220,14 @@ impl Backend for ImapBackend {
                 return Vec::new();
             }
         };
-        let mechs = match conn.client.capabilities() {
+        let mechs = match conn.wire.capabilities() {
             Ok(caps) => crate::session::RELAYED_MECHANISMS
                 .iter()
-                .filter(|m| caps.has_str(format!("AUTH={m}")))
+                .filter(|m| caps.contains(&format!("AUTH={m}")))
                 .map(|m| m.to_string())
                 .collect(),
             Err(e) => {
-                crate::log::warning(&format!("IMAP CAPABILITY: {e}"));
+                crate::log::warning(&format!("IMAP CAPABILITY: {e:?}"));
                 return Vec::new();
             }
         };
@@ -635,6 +635,65 @@ pub struct ImapMaildrop {
     snapshot: Snapshot,
 }
 
+impl ImapMaildrop {
+    /// The UPDATE state's IMAP commands for `--on-dele`, each recorded in `applied` once the
+    /// server has said OK to it.
+    fn apply(
+        &mut self,
+        set: &str,
+        applied: &mut Vec<String>,
+    ) -> Result<Option<&'static str>, Error> {
+        let sel = select(&mut self.session, "SELECT", &self.mailbox)?;
+        if sel.uidvalidity != Some(self.snapshot.uidvalidity) {
+            return Err(Error::Temp(format!(
+                "UIDVALIDITY of {} changed during the session",
+                self.mailbox
+            )));
+        }
+        let (uidplus, has_move) = match &self.on_dele {
+            OnDele::Expunge | OnDele::Move(_) => {
+                let caps = self
+                    .wire
+                    .capabilities()
+                    .map_err(|e| wire_error("CAPABILITY", e))?;
+                let has = |c: &str| caps.iter().any(|x| x == c);
+                (has("UIDPLUS"), has("MOVE"))
+            }
+            _ => (false, false),
+        };
+        let session = &mut self.session;
+        let mut step = |cmd: String| -> Result<(), Error> {
+            session
+                .run_command_and_check_ok(&cmd)
+                .map_err(|e| Error::Temp(format!("{cmd}: {e}")))?;
+            applied.push(cmd);
+            Ok(())
+        };
+        let mut remark = None;
+        match &self.on_dele {
+            OnDele::Keep => {}
+            OnDele::Seen => step(format!("UID STORE {set} +FLAGS.SILENT (\\Seen)"))?,
+            OnDele::Keyword(k) => step(format!("UID STORE {set} +FLAGS.SILENT ({k})"))?,
+            OnDele::Move(folder) if has_move => step(format!("UID MOVE {set} {}", quoted(folder)))?,
+            OnDele::Expunge | OnDele::Move(_) => {
+                // Without MOVE, a move is a copy and a deletion.
+                if let OnDele::Move(folder) = &self.on_dele {
+                    step(format!("UID COPY {set} {}", quoted(folder)))?;
+                }
+                step(format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"))?;
+                if uidplus {
+                    step(format!("UID EXPUNGE {set}"))?;
+                } else {
+                    // A plain EXPUNGE would also remove other clients' \Deleted mail.
+                    remark =
+                        Some("marked \\Deleted but not expunged: the IMAP server lacks UIDPLUS");
+                }
+            }
+        }
+        Ok(remark)
+    }
+}
+
 impl Maildrop for ImapMaildrop {
     fn uidvalidity(&self) -> u32 {
         self.snapshot.uidvalidity
@@ -659,62 +718,23 @@ impl Maildrop for ImapMaildrop {
             return Ok(None);
         }
         let set = uid_set(deleted);
-        let sel = select(&mut self.session, "SELECT", &self.mailbox)?;
-        if sel.uidvalidity != Some(self.snapshot.uidvalidity) {
-            return Err(Error::Temp(format!(
-                "UIDVALIDITY of {} changed during the session; nothing applied to UIDs {set}",
-                self.mailbox
-            )));
-        }
-        let session = &mut self.session;
         let mut applied: Vec<String> = Vec::new();
-        let mut step = |session: &mut Session, cmd: String| -> Result<(), Error> {
-            match session.run_command_and_check_ok(&cmd) {
-                Ok(()) => {
-                    applied.push(cmd);
-                    Ok(())
-                }
-                Err(e) => Err(Error::Temp(format!(
-                    "{cmd} failed ({e}); applied before it: [{}]",
+        match self.apply(&set, &mut applied) {
+            Ok(remark) => {
+                crate::log::info(&format!(
+                    "update of UIDs {set} in {} applied: [{}]",
+                    self.mailbox,
                     applied.join("; ")
-                ))),
+                ));
+                Ok(remark)
             }
-        };
-        let (uidplus, has_move) = match &self.on_dele {
-            OnDele::Expunge | OnDele::Move(_) => {
-                let c = session.capabilities().map_err(imap_error)?;
-                (c.has_str("UIDPLUS"), c.has_str("MOVE"))
-            }
-            _ => (false, false),
-        };
-        let mut remark = None;
-        match &self.on_dele {
-            OnDele::Keep => {}
-            OnDele::Seen => step(session, format!("UID STORE {set} +FLAGS.SILENT (\\Seen)"))?,
-            OnDele::Keyword(k) => step(session, format!("UID STORE {set} +FLAGS.SILENT ({k})"))?,
-            OnDele::Move(folder) if has_move => {
-                step(session, format!("UID MOVE {set} {}", quoted(folder)))?
-            }
-            OnDele::Expunge | OnDele::Move(_) => {
-                // Without MOVE, a move is a copy and a deletion.
-                if let OnDele::Move(folder) = &self.on_dele {
-                    step(session, format!("UID COPY {set} {}", quoted(folder)))?;
-                }
-                step(
-                    session,
-                    format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
-                )?;
-                if uidplus {
-                    step(session, format!("UID EXPUNGE {set}"))?;
-                } else {
-                    // A plain EXPUNGE would also remove other clients' \Deleted mail.
-                    remark =
-                        Some("marked \\Deleted but not expunged: the IMAP server lacks UIDPLUS");
-                }
-            }
+            // Whatever the failure, the log must say exactly what was and wasn't done.
+            Err(e) => Err(Error::Temp(format!(
+                "update of UIDs {set} in {} failed: {e}; applied before the failure: [{}]",
+                self.mailbox,
+                applied.join("; ")
+            ))),
         }
-        crate::log::info(&format!("update applied: [{}]", applied.join("; ")));
-        Ok(remark)
     }
 
     fn logout(&mut self) {

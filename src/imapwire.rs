@@ -217,7 +217,8 @@ impl<S: Read + Write> Shared<S> {
     }
 
     /// Appends up to `len` octets of message `uid` from `offset` to `out`. `Ok(false)` if the
-    /// server answered without the message (it was expunged).
+    /// message is gone: the server answered without it, or with a NIL body (Dovecot does that
+    /// for a message another session expunged). Past the end a body is `""` or `{0}`: `Ok(true)`.
     pub fn fetch_body(
         &self,
         uid: u32,
@@ -229,9 +230,8 @@ impl<S: Read + Write> Shared<S> {
         let cmd = format!("UID FETCH {uid} (UID BODY.PEEK[]<{offset}.{len}>)");
         self.run(&cmd, Some(out), &mut |u, out, before| {
             let ours = is_fetch(&u.text) && number_after(&u.text, b"UID ") == Some(u64::from(uid));
-            let has_body = contains(&u.text, b"BODY[]");
-            if ours && has_body && !found {
-                // A body as NIL or "" (past the end) is an empty one.
+            let body = ours && !found && (u.body_taken || body_is_empty_string(&u.text));
+            if body {
                 found = true;
             } else if u.body_taken {
                 // Not ours after all (or a second copy): take back what was appended.
@@ -241,6 +241,23 @@ impl<S: Read + Write> Shared<S> {
             }
         })?;
         Ok(found)
+    }
+
+    /// The server's capabilities, upper-cased. Read here rather than by the crate, whose
+    /// parser fails on an untagged `* NO` (a quota warning) in the response.
+    pub fn capabilities(&self) -> Result<Vec<String>, Failed> {
+        let mut caps = Vec::new();
+        self.run("CAPABILITY", None, &mut |u, _, _| {
+            let text = String::from_utf8_lossy(&u.text);
+            if let Some(list) = text
+                .get(..13)
+                .filter(|p| p.eq_ignore_ascii_case("* CAPABILITY "))
+                .map(|_| &text[13..])
+            {
+                caps.extend(list.split_whitespace().map(str::to_ascii_uppercase));
+            }
+        })?;
+        Ok(caps)
     }
 
     /// `FETCH 1:* (UID RFC822.SIZE FLAGS)`, one message at a time as the lines arrive:
@@ -299,6 +316,24 @@ fn trim_end(t: &[u8]) -> &[u8] {
     &t[..end]
 }
 
+/// `BODY[]` or `BODY[]<n>` followed by `""`: a body that is there but empty (past the end).
+fn body_is_empty_string(text: &[u8]) -> bool {
+    let Some(i) = text
+        .windows(6)
+        .position(|w| w.eq_ignore_ascii_case(b"BODY[]"))
+    else {
+        return false;
+    };
+    let mut rest = &text[i + 6..];
+    if rest.first() == Some(&b'<') {
+        match rest.iter().position(|&b| b == b'>') {
+            Some(j) => rest = &rest[j + 1..],
+            None => return false,
+        }
+    }
+    rest.starts_with(b" \"\"")
+}
+
 /// `* n FETCH (`
 fn is_fetch(text: &[u8]) -> bool {
     let rest = text.get(2..).unwrap_or_default();
@@ -306,11 +341,6 @@ fn is_fetch(text: &[u8]) -> bool {
     digits > 0
         && rest[digits..].len() >= 7
         && rest[digits..digits + 7].eq_ignore_ascii_case(b" FETCH ")
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// The number after the data item `item` (e.g. `UID `), where `item` starts an item: after
@@ -423,10 +453,15 @@ mod tests {
     fn an_expunged_message_and_a_past_the_end_body() {
         let w = wire(b"p1 OK nothing\r\n", 64);
         assert!(!w.fetch_body(7, 0, 10, &mut Vec::new()).unwrap());
-        let w = wire(b"* 2 FETCH (UID 7 BODY[]<99> NIL)\r\np1 OK done\r\n", 64);
+        let w = wire(b"* 2 FETCH (UID 7 BODY[]<99> \"\")\r\np1 OK done\r\n", 64);
         let mut out = Vec::new();
         assert!(w.fetch_body(7, 99, 10, &mut out).unwrap());
         assert!(out.is_empty());
+        let w = wire(b"* 2 FETCH (UID 7 BODY[]<0> {0}\r\n)\r\np1 OK done\r\n", 64);
+        assert!(w.fetch_body(7, 0, 10, &mut out).unwrap());
+        // Dovecot's answer for a message another session expunged.
+        let w = wire(b"* 2 FETCH (UID 7 BODY[]<0> NIL)\r\np1 OK done\r\n", 64);
+        assert!(!w.fetch_body(7, 0, 10, &mut out).unwrap());
         let w = wire(b"p1 NO [EXPUNGEISSUED] gone\r\n", 64);
         assert!(
             matches!(w.fetch_body(7, 0, 10, &mut Vec::new()), Err(Failed::No(t)) if t.contains("EXPUNGEISSUED"))
@@ -471,6 +506,15 @@ mod tests {
             ]
         );
         assert!(has_flag(b"\\Seen $Popped", "$popped") && !has_flag(b"\\Seen", "$Popped"));
+    }
+
+    #[test]
+    fn capabilities_survive_an_untagged_no() {
+        let w = wire(
+            b"* NO [ALERT] Quota exceeded\r\n* CAPABILITY IMAP4rev1 UIDPLUS move\r\np1 OK\r\n",
+            9,
+        );
+        assert_eq!(w.capabilities().unwrap(), ["IMAP4REV1", "UIDPLUS", "MOVE"]);
     }
 
     #[test]
