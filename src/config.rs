@@ -38,6 +38,7 @@ POP3 side:
       --uidl-format FMT      default %08Xu%08Xv (Dovecot's): %u UID, %v UIDVALIDITY
       --max-messages N       list at most N messages (oldest first)
       --timeout SECS         idle timeout towards the client (default 600)
+      --auth-failure-delay SECS  wait before answering a refused login (default 2; 0: none)
 Logging:
   -l, --systemd-logging      log to stderr with <N> prefixes (when stderr isn't the client)
   -v, --verbose              debug logs (never passwords)
@@ -108,6 +109,7 @@ pub struct Config {
     pub uidl_format: UidlFormat,
     pub max_messages: Option<usize>,
     pub timeout: Duration,
+    pub auth_failure_delay: Duration,
     pub imap_timeout: Duration,
     pub log_target: log::Target,
     pub verbose: bool,
@@ -210,6 +212,11 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         600,
         "--timeout",
     )?;
+    let auth_failure_delay = Duration::from_secs(
+        a.opt_value_from_str("--auth-failure-delay")
+            .map_err(arg)?
+            .unwrap_or(2),
+    );
     let imap_timeout = seconds(
         a.opt_value_from_str("--imap-timeout").map_err(arg)?,
         60,
@@ -280,6 +287,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         uidl_format,
         max_messages,
         timeout,
+        auth_failure_delay,
         imap_timeout,
         log_target,
         verbose,

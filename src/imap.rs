@@ -730,8 +730,9 @@ impl Maildrop for ImapMaildrop {
             }
             // Whatever the failure, the log must say exactly what was and wasn't done.
             Err(e) => Err(Error::Temp(format!(
-                "update of UIDs {set} in {} failed: {e}; applied before the failure: [{}]",
+                "update of UIDs {set} in {} failed: {}; applied before the failure: [{}]",
                 self.mailbox,
+                e.detail(),
                 applied.join("; ")
             ))),
         }

@@ -31,6 +31,16 @@ pub enum Error {
     Gone,
 }
 
+impl Error {
+    /// The detail alone, without the kind.
+    pub fn detail(&self) -> &str {
+        match self {
+            Error::Auth(d) | Error::InUse(d) | Error::Temp(d) | Error::Perm(d) => d,
+            Error::Gone => "message no longer exists",
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

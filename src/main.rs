@@ -82,6 +82,7 @@ fn run(config: Config) -> ExitCode {
         allow_plaintext_auth: config.allow_plaintext_auth,
         uidl_format: config.uidl_format.clone(),
         sasl: config.sasl.clone(),
+        auth_failure_delay: config.auth_failure_delay,
     };
     let stream = match &config.tls {
         None => conn::Stream::plain(raw, None),

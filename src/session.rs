@@ -69,6 +69,8 @@ pub struct Settings {
     pub uidl_format: UidlFormat,
     /// `--sasl`: offer only these mechanisms (upper case); `None` offers all that work.
     pub sasl: Option<Vec<String>>,
+    /// How long a refused login waits before its `-ERR [AUTH]`.
+    pub auth_failure_delay: std::time::Duration,
 }
 
 /// What happened, for the one summary line logged per session.
@@ -167,6 +169,24 @@ impl<P: Peer> SaslClient for Relay<'_, P> {
     }
 }
 
+/// What of an unknown command may be logged: a short all-letter verb (a probe's `GET`, `EHLO`),
+/// else only its length. The line may be a SASL answer sent after a refused AUTH, i.e. a
+/// password in base64, and base64 has no spaces to cut at.
+fn verb_for_log(line: &[u8]) -> String {
+    let verb = line.split(|&b| b == b' ').next().unwrap_or_default();
+    if (1..=4).contains(&verb.len()) && verb.iter().all(u8::is_ascii_alphabetic) {
+        String::from_utf8_lossy(verb).to_ascii_uppercase()
+    } else {
+        format!("({} octets)", line.len())
+    }
+}
+
+/// A user name without control characters (USER's, being one word, has no spaces either).
+/// AUTH PLAIN and LOGIN names must pass too: a newline in one could forge a log line.
+fn valid_user(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b >= b' ' && b != 0x7f)
+}
+
 /// The user name a relayed exchange carries, for the log only (never the secret part).
 fn sasl_user(mechanism: &str, first: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(first);
@@ -240,7 +260,7 @@ impl<B: Backend> Session<B> {
             let next = match Command::parse(&line) {
                 Err(e) => {
                     if e == ParseError::Unknown {
-                        log::debug(&format!("unknown command {}", log::truncated(&line)));
+                        log::debug(&format!("unknown command {}", verb_for_log(&line)));
                     }
                     self.bad(peer, e.reply_text(), state)
                 }
@@ -317,7 +337,7 @@ impl<B: Backend> Session<B> {
                     return same(None);
                 }
                 match String::from_utf8(name) {
-                    Ok(name) if name.bytes().all(|b| b > b' ' && b != 0x7f) => {
+                    Ok(name) if valid_user(&name) && !name.contains(' ') => {
                         reply(peer, true, "Send your password.")?;
                         same(Some(name))
                     }
@@ -426,6 +446,10 @@ impl<B: Backend> Session<B> {
             log::login_failed(&user, "password contains CR, LF or NUL");
             return self.login_failed(peer, "[AUTH] Authentication failed.");
         }
+        if !valid_user(&user) {
+            log::login_failed(&user, "user name with spaces or control characters");
+            return self.login_failed(peer, "[AUTH] Authentication failed.");
+        }
         let result = self.backend.login(&user, &password);
         self.login_result(peer, &user, result)
     }
@@ -437,6 +461,8 @@ impl<B: Backend> Session<B> {
         user: &str,
         result: Result<B::Maildrop, Error>,
     ) -> io::Result<Next<B::Maildrop>> {
+        // Client-controlled: never raw into a log line.
+        let user = &log::truncated(user.as_bytes());
         match result {
             Ok(drop) => {
                 let n = drop.messages().len();
@@ -577,6 +603,11 @@ impl<B: Backend> Session<B> {
     }
 
     fn login_failed<P: Peer>(&mut self, peer: &mut P, text: &str) -> io::Result<Next<B::Maildrop>> {
+        if text.starts_with("[AUTH]") {
+            // Slows down password guessing through us, as Dovecot's auth_failure_delay does.
+            peer.flush()?;
+            std::thread::sleep(self.settings.auth_failure_delay);
+        }
         reply(peer, false, text)?;
         self.failed_logins += 1;
         if self.failed_logins >= MAX_FAILED_LOGINS {
@@ -1021,6 +1052,7 @@ mod tests {
             allow_plaintext_auth: true,
             uidl_format: UidlFormat::default(),
             sasl: None,
+            auth_failure_delay: std::time::Duration::ZERO,
         }
     }
 
@@ -1286,6 +1318,26 @@ mod tests {
         // RETR 1 (1) + prefetch 2 (1); RETR 3: 2 is deleted since, so 3 is fetched afresh
         // (4 chunks); RETR 1 again (1) + prefetch 3 (1); TOP 1 (1).
         assert_eq!(fetches.get(), 1 + 1 + 4 + 1 + 1 + 1);
+    }
+
+    #[test]
+    fn unknown_commands_are_logged_by_verb_or_length_only() {
+        assert_eq!(verb_for_log(b"ehlo x"), "EHLO");
+        assert_eq!(verb_for_log(b"AGFsaWNlAHNlY3JldA=="), "(20 octets)");
+        assert_eq!(verb_for_log(b"abcde"), "(5 octets)");
+    }
+
+    #[test]
+    fn sasl_user_names_must_pass_the_user_test() {
+        // "\0a\tb\0pw" and "\0a\nb\0pw": refused before the backend is asked.
+        let out = run("AUTH PLAIN AGEJYgBwdw==\r\nAUTH PLAIN AGEKYgBwdw==\r\n");
+        assert_eq!(
+            transcript(&out)
+                .iter()
+                .filter(|l| l.contains("[AUTH]"))
+                .count(),
+            2
+        );
     }
 
     #[test]

@@ -132,6 +132,8 @@ fn plain_and_login_work_with_dovecot_and_with_user_dir() {
         dir.path().to_str().unwrap(),
         "--allow-plaintext-auth",
         "-l",
+        "--auth-failure-delay",
+        "0",
     ]
     .map(String::from);
     let script = "CAPA\r\nAUTH PLAIN AGFsaWNlAGFsaWNlLXB3\r\nQUIT\r\n";
@@ -357,6 +359,8 @@ fn oauth_tokens_and_their_error_challenge_pass_through_unchanged() {
         &server.port.to_string(),
         "--allow-plaintext-auth",
         "-l",
+        "--auth-failure-delay",
+        "0",
     ]
     .map(String::from);
     // user=alice^Aauth=Bearer good^A^A, and the same with a bad token.

@@ -302,6 +302,8 @@ fn imap_down_is_a_temporary_error() {
             &port.to_string(),
             "--allow-plaintext-auth",
             "-l",
+            "--auth-failure-delay",
+            "0",
         ]
         .map(String::from),
         script.as_bytes(),
@@ -373,6 +375,8 @@ fn user_dir_files_pick_the_server_and_unknown_users_look_like_bad_passwords() {
         dir.path().to_str().unwrap(),
         "--allow-plaintext-auth",
         "-l",
+        "--auth-failure-delay",
+        "0",
     ]
     .map(String::from);
     let script = "USER gmail-import\r\nPASS alice-pw\r\nSTAT\r\nQUIT\r\n";

@@ -356,6 +356,8 @@ fn imap_session(extra: &[&str], port: u16, d: &Dovecot) -> Vec<common::pop3::Rep
         &port.to_string(),
         "--allow-plaintext-auth",
         "-l",
+        "--auth-failure-delay",
+        "0",
     ]
     .map(String::from)
     .to_vec();

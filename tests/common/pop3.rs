@@ -25,6 +25,9 @@ pub fn args(d: &Dovecot) -> Vec<String> {
         "-l",
         "-d",
         "pop.test",
+        // Refused logins answer at once in tests (2 s by default).
+        "--auth-failure-delay",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
