@@ -831,3 +831,47 @@ fn other_clients_deleted_mail_survives_expunge_mode_in_dovecot() {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// `--on-dele keyword:NAME` needs a mailbox that can store keywords: refused at login, clearly,
+/// rather than failing at QUIT after the client took the mail.
+#[test]
+fn keyword_mode_is_refused_at_login_if_the_mailbox_cant_store_keywords() {
+    let fake = three()
+        .on(
+            "SELECT",
+            Act::Reply(
+                "* 3 EXISTS\r\n* OK [UIDVALIDITY 1] ok\r\n\
+                 * OK [PERMANENTFLAGS (\\Seen \\Deleted)] Limited\r\n\
+                 {tag} OK [READ-WRITE] done\r\n"
+                    .into(),
+            ),
+        )
+        .start();
+    let r = run(
+        &fake,
+        &["--on-dele", "keyword:$Popped"],
+        &format!("{LOGIN}QUIT\r\n"),
+    );
+    let rep = replies(&r);
+    assert!(rep[1].starts_with("-ERR [SYS/PERM] "), "{rep:?}");
+    assert!(
+        r.stderr.contains("can't store the keyword $Popped"),
+        "{}",
+        r.stderr
+    );
+    assert!(fake.changes().is_empty());
+}
+
+/// `--imap-starttls` never falls back to clear text when the server doesn't offer STARTTLS.
+#[test]
+fn imap_starttls_not_offered_fails_the_login() {
+    let fake = three().start();
+    let r = run(&fake, &["--imap-starttls"], &format!("{LOGIN}QUIT\r\n"));
+    let rep = replies(&r);
+    assert_eq!(
+        rep[1],
+        "-ERR [SYS/TEMP] Account is temporarily unavailable; try again later."
+    );
+    assert!(r.stderr.contains("does not offer STARTTLS"), "{}", r.stderr);
+    assert_eq!(fake.logins(), 0, "no LOGIN in clear");
+}
