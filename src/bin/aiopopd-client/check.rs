@@ -508,7 +508,7 @@ mod tests {
         let mut all = vec!["-u", "alice"];
         all.extend_from_slice(args);
         let config = parse_ok(&all);
-        let password = Secret::new(b"s3cret".to_vec(), "test").unwrap();
+        let password = crate::password::secret(b"s3cret".to_vec(), "test").unwrap();
         let mut canned = Canned {
             replies: replies
                 .iter()

@@ -4,49 +4,27 @@
 
 use crate::Failure;
 use std::ffi::{OsStr, OsString};
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::process::{Command, Stdio};
 
-/// A password whose `Debug` never shows it, so that no `{:?}` can print it by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
+/// The server's own redacted wrapper: its `Debug` never shows the password, and its memory is
+/// cleared when dropped.
+pub use aiopopd::pop3::Secret;
 
-impl Secret {
-    /// Refuses what can't go on a PASS line: nothing at all, or a CR, LF or NUL (which would
-    /// end the line early and let the rest be read as another command).
-    pub fn new(bytes: Vec<u8>, from: &str) -> Result<Secret, Failure> {
-        if bytes.is_empty() {
-            return Err(Failure(format!("the password from {from} is empty")));
-        }
-        if bytes.iter().any(|b| b"\r\n\0".contains(b)) {
-            return Err(Failure(format!(
-                "the password from {from} contains a CR, LF or NUL"
-            )));
-        }
-        Ok(Secret(bytes))
+/// A password as a [`Secret`], refusing what can't go on a PASS line: nothing at all, or a CR,
+/// LF or NUL (which would end the line early and let the rest be read as another command).
+pub fn secret(bytes: Vec<u8>, from: &str) -> Result<Secret, Failure> {
+    if bytes.is_empty() {
+        return Err(Failure(format!("the password from {from} is empty")));
     }
-
-    pub fn expose(&self) -> &[u8] {
-        &self.0
+    if bytes.iter().any(|b| b"\r\n\0".contains(b)) {
+        return Err(Failure(format!(
+            "the password from {from} contains a CR, LF or NUL"
+        )));
     }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        // Best effort: don't leave the password in freed memory; the fence keeps the compiler
-        // from dropping the stores as dead.
-        self.0.iter_mut().for_each(|b| *b = 0);
-        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-    }
+    Ok(Secret::new(bytes))
 }
 
 /// `-p` as given.
@@ -73,7 +51,7 @@ impl PasswordSource {
         match scheme {
             b"pass" if !rest.is_empty() => Ok(PasswordSource::Pass(rest)),
             b"env" if !rest.is_empty() => Ok(PasswordSource::Env(rest)),
-            b"plain" => Secret::new(rest.into_vec(), "-p plain:")
+            b"plain" => secret(rest.into_vec(), "-p plain:")
                 .map(PasswordSource::Plain)
                 .map_err(|f| f.0),
             // Never echo `s`: it may be a password typed without its `plain:`.
@@ -90,7 +68,7 @@ pub fn obtain(source: &PasswordSource, user: &str, host: &str) -> Result<Secret,
             let from = format!("env:{}", var.to_string_lossy());
             let value = std::env::var_os(var)
                 .ok_or_else(|| Failure(format!("{from}: the variable is not set")))?;
-            Secret::new(value.into_vec(), &from)
+            secret(value.into_vec(), &from)
         }
         PasswordSource::Pass(name) => from_pass(name),
         PasswordSource::Ask if std::io::stdin().is_terminal() => {
@@ -107,7 +85,7 @@ pub fn obtain(source: &PasswordSource, user: &str, host: &str) -> Result<Secret,
                     "no password: stdin is empty (and not a terminal to ask on); see -p".into(),
                 ));
             }
-            Secret::new(first_line(line), "stdin")
+            secret(first_line(line), "stdin")
         }
     }
 }
@@ -124,7 +102,7 @@ fn from_pass(name: &OsStr) -> Result<Secret, Failure> {
     if !out.status.success() {
         return Err(Failure(format!("{shown} failed ({})", out.status)));
     }
-    Secret::new(first_line(out.stdout), &shown)
+    secret(first_line(out.stdout), &shown)
 }
 
 /// The bytes up to the first LF, without a CR before it.
@@ -158,7 +136,7 @@ fn ask_terminal(prompt: &str) -> Result<Secret, Failure> {
     let _ = tty.write_all(b"\n");
     let line = line.map_err(fail)?;
     restored?;
-    Secret::new(first_line(line), "the terminal")
+    secret(first_line(line), "the terminal")
 }
 
 /// One line, a byte at a time: nothing after the LF is taken from the terminal.
@@ -217,7 +195,7 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let s = Secret::new(b"hunter2".to_vec(), "test").unwrap();
+        let s = secret(b"hunter2".to_vec(), "test").unwrap();
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
         let src = PasswordSource::Plain(s);
         assert!(!format!("{src:?}").contains("hunter2"));
