@@ -142,3 +142,81 @@ fn an_idle_client_is_logged_out() {
         "{text}"
     );
 }
+
+#[test]
+fn fetchmail_delivers_every_message_and_keeps_them_with_keep() {
+    let d = Dovecot::start();
+    corpus(&d);
+    // fetchmail 6.4 insists on TLS (STLS) by default, as it should: serve it that way, with
+    // the test Dovecot's certificate (made for localhost).
+    let mut aargs = args(&d);
+    aargs.retain(|s| s != "--allow-plaintext-auth");
+    aargs.extend([
+        "--stls".to_string(),
+        "--ssl-cert".to_string(),
+        d.ca_cert_path().to_str().unwrap().to_string(),
+        "--ssl-key".to_string(),
+        d.dir().join("key.pem").to_str().unwrap().to_string(),
+    ]);
+    let a = Activator::start(true, &aargs);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let rc = dir.path().join("fetchmailrc");
+    // "keep": leave the mail on the server; --invisible: no Received: line of fetchmail's own.
+    std::fs::write(
+        &rc,
+        format!(
+            "poll localhost protocol POP3 port {} auth password user \"alice\" password \"alice-pw\" \
+             keep sslcertck sslcertfile \"{}\" mda \"/bin/sh -c 'cat > {}/$$'\"\n",
+            a.port,
+            d.ca_cert_path().display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let run = Command::new("fetchmail")
+        .args([
+            "-f",
+            rc.to_str().unwrap(),
+            "--nosyslog",
+            "--invisible",
+            "--nodetach",
+        ])
+        .arg("--idfile")
+        .arg(dir.path().join("ids"))
+        .env("FETCHMAILHOME", dir.path())
+        .output()
+        .expect("fetchmail (Debian package fetchmail)");
+    // 0: mail was fetched.
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut got: Vec<Vec<u8>> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    // fetchmail hands an MDA LF line ends; compare like with like.
+    let lf = |b: &[u8]| String::from_utf8_lossy(b).replace("\r\n", "\n");
+    let mut want: Vec<String> = d
+        .imap_bodies("alice", "alice-pw", "INBOX")
+        .iter()
+        .map(|(_, b)| lf(&expected_retr(b)))
+        .collect();
+    let mut got_s: Vec<String> = got.drain(..).map(|b| lf(&b)).collect();
+    got_s.sort();
+    want.sort();
+    assert_eq!(got_s.len(), want.len());
+    assert!(
+        got_s == want,
+        "fetchmail's copies differ from what IMAP serves"
+    );
+    // keep: nothing changed on the server.
+    assert!(d.flags("alice", "INBOX").iter().all(|(_, f)| f.is_empty()));
+}
