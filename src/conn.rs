@@ -266,6 +266,9 @@ pub struct Conn<S> {
     /// Inside an over-long line: drop bytes through its end.
     discarding: bool,
     out: Vec<u8>,
+    /// A write failed (the client stopped reading, or left): nothing more is written, so no
+    /// byte is sent twice and no reply lands inside a half-sent message.
+    dead: bool,
 }
 
 /// Pending output beyond this is written out at once.
@@ -281,6 +284,7 @@ impl<S: Transport> Conn<S> {
             end: 0,
             discarding: false,
             out: Vec::new(),
+            dead: false,
         }
     }
 
@@ -364,10 +368,29 @@ impl<S: Transport> Peer for Conn<S> {
     }
 }
 
+impl<S: Transport> Conn<S> {
+    /// True once a write has failed: the connection is only good for closing.
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    fn died<T>(&mut self, e: io::Error) -> io::Result<T> {
+        self.dead = true;
+        self.out.clear();
+        Err(e)
+    }
+}
+
 impl<S: Transport> Write for Conn<S> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.dead {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         if self.out.is_empty() && data.len() >= OUT_HIGH_WATER {
-            return self.stream.write(data);
+            return match self.stream.write(data) {
+                Err(e) => self.died(e),
+                ok => ok,
+            };
         }
         self.out.extend_from_slice(data);
         if self.out.len() >= OUT_HIGH_WATER {
@@ -377,11 +400,19 @@ impl<S: Transport> Write for Conn<S> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if self.dead {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out)?;
+            if let Err(e) = self.stream.write_all(&self.out) {
+                return self.died(e);
+            }
             self.out.clear();
         }
-        self.stream.flush()
+        match self.stream.flush() {
+            Err(e) => self.died(e),
+            ok => ok,
+        }
     }
 }
 

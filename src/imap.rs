@@ -33,7 +33,7 @@ pub struct ImapBackend {
     settings: Settings,
     /// A connection opened early to learn the SASL mechanisms (CAPA/AUTH before login),
     /// kept for the login that follows.
-    connected: Option<Connection>,
+    connected: Option<(Connection, std::time::Instant)>,
 }
 
 /// The byte stream under the IMAP session.
@@ -164,8 +164,16 @@ impl ImapBackend {
     /// The connection for this account: the one opened early, if it went to the same server,
     /// or a new one.
     fn client(&mut self, server: &ImapServer) -> Result<Connection, Error> {
+        // Servers close idle connections that haven't logged in (Dovecot after a minute or
+        // so), while a POP3 client may wait 10 minutes between CAPA and PASS.
+        const FRESH: std::time::Duration = std::time::Duration::from_secs(30);
         match self.connected.take() {
-            Some(c) if matches!(&self.settings.source, Source::Fixed(s) if s == server) => Ok(c),
+            Some((c, at))
+                if at.elapsed() < FRESH
+                    && matches!(&self.settings.source, Source::Fixed(s) if s == server) =>
+            {
+                Ok(c)
+            }
             _ => connect(server, self.settings.timeout, self.settings.ca.as_deref()),
         }
     }
@@ -231,7 +239,7 @@ impl Backend for ImapBackend {
                 return Vec::new();
             }
         };
-        self.connected = Some(conn);
+        self.connected = Some((conn, std::time::Instant::now()));
         mechs
     }
 
@@ -600,7 +608,8 @@ fn open(
     let uidvalidity = sel
         .uidvalidity
         .ok_or_else(|| Error::Temp(format!("no UIDVALIDITY for {mailbox}")))?;
-    let mut messages = Vec::with_capacity(sel.exists as usize);
+    // The count is the server's word: don't let it size an allocation.
+    let mut messages = Vec::with_capacity((sel.exists as usize).min(1 << 16));
     if sel.exists > 0 {
         wire.list(&mut |uid, size, flags| {
             let listed = match on_dele {

@@ -25,6 +25,10 @@ struct Wire<S> {
     start: usize,
     end: usize,
     tags: u32,
+    /// Set when a command of ours failed mid-way: what comes next on the stream could be the
+    /// rest of an old response (even a message body made to look like IMAP), so nothing more
+    /// is read or sent, by us or by the crate.
+    broken: bool,
 }
 
 /// A handle on the stream; clones share it (the crate holds one, the maildrop another).
@@ -44,6 +48,7 @@ impl<S: Read + Write> Shared<S> {
             start: 0,
             end: 0,
             tags: 0,
+            broken: false,
         })))
     }
 }
@@ -91,7 +96,9 @@ impl<S: Read> Wire<S> {
             if self.start == self.end && !self.fill()? {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            let take = (n as usize).min(self.end - self.start);
+            let take = usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(self.end - self.start);
             if let Some(out) = out.as_deref_mut() {
                 out.extend_from_slice(&self.buf[self.start..self.start + take]);
             }
@@ -106,6 +113,9 @@ impl<S: Read> Read for Shared<S> {
     /// At most one line per call (see the module comment).
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let mut w = self.0.borrow_mut();
+        if w.broken {
+            return Err(io::Error::other("the IMAP connection failed earlier"));
+        }
         if w.start == w.end && !w.fill()? {
             return Ok(0);
         }
@@ -120,7 +130,11 @@ impl<S: Read> Read for Shared<S> {
 
 impl<S: Write> Write for Shared<S> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.0.borrow_mut().stream.write(data)
+        let mut w = self.0.borrow_mut();
+        if w.broken {
+            return Err(io::Error::other("the IMAP connection failed earlier"));
+        }
+        w.stream.write(data)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.0.borrow_mut().stream.flush()
@@ -156,13 +170,35 @@ struct Untagged {
 
 impl<S: Read + Write> Shared<S> {
     /// Sends `command` with a fresh tag of ours and reads the responses, handing each untagged
-    /// one to `each`. `body` receives the octets of literals that follow `BODY[]`.
+    /// one to `each`. `body` receives the octets of the literal that follows `section` (e.g.
+    /// `BODY[]<0>`), which may be at most `max` octets. A failure other than a tagged NO leaves
+    /// the stream unusable.
     fn run(
         &self,
         command: &str,
-        mut body: Option<&mut Vec<u8>>,
+        body: Option<(&mut Vec<u8>, &[u8], u64)>,
         each: &mut Each<'_>,
     ) -> Result<(), Failed> {
+        if self.0.borrow().broken {
+            return Err(Failed::Broken("the IMAP connection failed earlier".into()));
+        }
+        let result = self.run_once(command, body, each);
+        if matches!(result, Err(Failed::Io(_)) | Err(Failed::Broken(_))) {
+            self.0.borrow_mut().broken = true;
+        }
+        result
+    }
+
+    fn run_once(
+        &self,
+        command: &str,
+        body: Option<(&mut Vec<u8>, &[u8], u64)>,
+        each: &mut Each<'_>,
+    ) -> Result<(), Failed> {
+        let (mut body, section, max) = match body {
+            Some((b, section, max)) => (Some(b), section, max),
+            None => (None, &b""[..], 0),
+        };
         let mut w = self.0.borrow_mut();
         w.tags += 1;
         let tag = format!("p{}", w.tags);
@@ -196,13 +232,21 @@ impl<S: Read + Write> Shared<S> {
                 text: Vec::new(),
                 body_taken: false,
             };
+            // Only FETCH responses carry literals here; any other line is text, whatever its end.
+            let fetch = is_fetch(&line);
             loop {
-                let Some((text, n)) = split_literal(&line) else {
+                let Some((text, n)) = split_literal(&line).filter(|_| fetch) else {
                     u.text.extend_from_slice(&line);
                     break;
                 };
                 u.text.extend_from_slice(text);
-                let for_body = ends_with_body_section(text) && !u.body_taken;
+                let for_body = body.is_some() && ends_with(text, section) && !u.body_taken;
+                if for_body && n > max {
+                    // More than was asked for: a server that ignored the partial fetch.
+                    return Err(Failed::Broken(format!(
+                        "a body of {n} octets for {max} asked"
+                    )));
+                }
                 match body.as_deref_mut() {
                     Some(b) if for_body => {
                         w.literal(n, Some(b))?;
@@ -228,18 +272,25 @@ impl<S: Read + Write> Shared<S> {
     ) -> Result<bool, Failed> {
         let mut found = false;
         let cmd = format!("UID FETCH {uid} (UID BODY.PEEK[]<{offset}.{len}>)");
-        self.run(&cmd, Some(out), &mut |u, out, before| {
-            let ours = is_fetch(&u.text) && number_after(&u.text, b"UID ") == Some(u64::from(uid));
-            let body = ours && !found && (u.body_taken || body_is_empty_string(&u.text));
-            if body {
-                found = true;
-            } else if u.body_taken {
-                // Not ours after all (or a second copy): take back what was appended.
-                if let Some(out) = out {
-                    out.truncate(before);
+        // The answer names the section with its origin: BODY[]<offset>.
+        let section = format!("BODY[]<{offset}>");
+        self.run(
+            &cmd,
+            Some((out, section.as_bytes(), len)),
+            &mut |u, out, before| {
+                let ours =
+                    is_fetch(&u.text) && number_after(&u.text, b"UID ") == Some(u64::from(uid));
+                let body = ours && !found && (u.body_taken || body_is_empty_string(&u.text));
+                if body {
+                    found = true;
+                } else if u.body_taken {
+                    // Not ours after all (or a second copy): take back what was appended.
+                    if let Some(out) = out {
+                        out.truncate(before);
+                    }
                 }
-            }
-        })?;
+            },
+        )?;
         Ok(found)
     }
 
@@ -295,17 +346,10 @@ fn split_literal(line: &[u8]) -> Option<(&[u8], u64)> {
     Some((&line[..open], n))
 }
 
-/// True if the text before a literal names the body section: `BODY[]` or `BODY[]<origin>`.
-fn ends_with_body_section(text: &[u8]) -> bool {
+/// True if the text before a literal ends with `section` (case-insensitive).
+fn ends_with(text: &[u8], section: &[u8]) -> bool {
     let t = trim_end(text);
-    let t = match t.last() {
-        Some(b'>') => match t.iter().rposition(|&b| b == b'<') {
-            Some(i) => &t[..i],
-            None => return false,
-        },
-        _ => t,
-    };
-    t.len() >= 6 && t[t.len() - 6..].eq_ignore_ascii_case(b"BODY[]")
+    t.len() >= section.len() && t[t.len() - section.len()..].eq_ignore_ascii_case(section)
 }
 
 fn trim_end(t: &[u8]) -> &[u8] {
@@ -476,6 +520,58 @@ mod tests {
             w.fetch_body(7, 0, 10, &mut Vec::new()),
             Err(Failed::Io(_))
         ));
+    }
+
+    #[test]
+    fn a_failed_command_leaves_the_stream_unusable() {
+        // The first fetch dies inside its literal; the rest of that body looks like an answer
+        // to the next command, and must never be taken for one.
+        let script = b"* 1 FETCH (UID 8 BODY[]<0> {100}\r\nx\r\n* 1 FETCH (UID 9 BODY[]<0> {6}\r\nEVIL!\n)\r\np2 OK\r\n";
+        // The stream ends inside the first literal (as a timeout would cut it).
+        let mut out = Vec::new();
+        let cut = Shared::new(Canned {
+            input: script[..40].to_vec(),
+            pos: 0,
+            piece: 4096,
+            sent: Vec::new(),
+        });
+        assert!(matches!(
+            cut.fetch_body(8, 0, 1000, &mut out),
+            Err(Failed::Io(_))
+        ));
+        assert!(matches!(
+            cut.fetch_body(9, 0, 1000, &mut out),
+            Err(Failed::Broken(_))
+        ));
+        let mut buf = [0u8; 8];
+        assert!(
+            Read::read(&mut cut.clone(), &mut buf).is_err(),
+            "the crate can't read either"
+        );
+    }
+
+    #[test]
+    fn a_body_larger_than_asked_or_without_our_origin_is_refused() {
+        let w = wire(
+            b"* 1 FETCH (UID 7 BODY[]<0> {20}\r\n01234567890123456789)\r\np1 OK\r\n",
+            64,
+        );
+        assert!(matches!(
+            w.fetch_body(7, 0, 5, &mut Vec::new()),
+            Err(Failed::Broken(_))
+        ));
+        let w = wire(b"* 1 FETCH (UID 7 BODY[] {5}\r\n01234)\r\np1 OK\r\n", 64);
+        let mut out = Vec::new();
+        assert!(!w.fetch_body(7, 100, 5, &mut out).unwrap());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn literals_are_read_only_in_fetch_responses() {
+        let w = wire(b"* OK [ALERT] text that ends like {12}\r\n* 1 FETCH (UID 7 BODY[]<0> {2}\r\nok)\r\np1 OK\r\n", 64);
+        let mut out = Vec::new();
+        assert!(w.fetch_body(7, 0, 5, &mut out).unwrap());
+        assert_eq!(out, b"ok");
     }
 
     #[test]

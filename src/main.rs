@@ -110,7 +110,9 @@ fn run(config: Config) -> ExitCode {
     };
     let mut peer = conn::Conn::new(stream);
     let summary = session::Session::new(backend, settings).run(&mut peer);
-    peer.stream_mut().close();
+    if !peer.is_dead() {
+        peer.stream_mut().close();
+    }
     log::info(&format!(
         "session end: rip={} user={} listed={} retrieved={} deleted={} bytes={} duration={:.3}s outcome={}",
         log::peer(),

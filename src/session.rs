@@ -437,6 +437,10 @@ impl<B: Backend> Session<B> {
         user: String,
         password: Secret,
     ) -> io::Result<Next<B::Maildrop>> {
+        if !valid_user(&user) {
+            log::login_failed(&user, "user name with control characters");
+            return self.login_failed(peer, "[AUTH] Authentication failed.");
+        }
         // Bytes that would end or split an IMAP command never leave this process.
         if password
             .expose()
@@ -444,10 +448,6 @@ impl<B: Backend> Session<B> {
             .any(|&b| b == b'\r' || b == b'\n' || b == 0)
         {
             log::login_failed(&user, "password contains CR, LF or NUL");
-            return self.login_failed(peer, "[AUTH] Authentication failed.");
-        }
-        if !valid_user(&user) {
-            log::login_failed(&user, "user name with spaces or control characters");
             return self.login_failed(peer, "[AUTH] Authentication failed.");
         }
         let result = self.backend.login(&user, &password);
@@ -580,6 +580,11 @@ impl<B: Backend> Session<B> {
                 let result = self.backend.authenticate(&mech, initial, &mut relay);
                 let (stopped, first) = (relay.stopped.take(), relay.first.take());
                 if let Some(stop) = stopped {
+                    // The empty answer sent in its place may still have completed the login
+                    // (SCRAM's last step is empty): the client said no, so log out again.
+                    if let Ok(mut drop) = result {
+                        drop.logout();
+                    }
                     return self.sasl_stopped(peer, stop);
                 }
                 let user = first
@@ -779,13 +784,19 @@ impl<B: Backend> Session<B> {
             }
             chunk.clear();
             want = RETR_CHUNK;
-            if let Err(e) = t.drop.fetch(m.uid, offset, want, &mut chunk) {
-                log::error(&format!(
-                    "fetching uid {} at offset {offset}: {e}; message left unterminated",
-                    m.uid
-                ));
-                self.abandon(State::Transaction(t));
-                return Ok(Next::End("imap-failed-mid-message"));
+            match t.drop.fetch(m.uid, offset, want, &mut chunk) {
+                Ok(()) => {}
+                // A server may answer NIL past the end of a message (one whose size is a
+                // multiple of the chunk): past the listed size, that is the end.
+                Err(Error::Gone) if offset >= m.size => break,
+                Err(e) => {
+                    log::error(&format!(
+                        "fetching uid {} at offset {offset}: {e}; message left unterminated",
+                        m.uid
+                    ));
+                    self.abandon(State::Transaction(t));
+                    return Ok(Next::End("imap-failed-mid-message"));
+                }
             }
         }
         stuffer.finish(&mut out);
