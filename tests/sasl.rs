@@ -118,24 +118,7 @@ fn plain_and_login_work_with_dovecot_and_with_user_dir() {
         "{text}"
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("alice"),
-        format!(
-            r#"{{"hostname": "127.0.0.1", "port": {}, "ssl": false}}"#,
-            d.imap_port
-        ),
-    )
-    .unwrap();
-    let a = [
-        "--user-dir",
-        dir.path().to_str().unwrap(),
-        "--allow-plaintext-auth",
-        "-l",
-        "--auth-failure-delay",
-        "0",
-    ]
-    .map(String::from);
+    let (_dir, a) = common::pop3::user_dir(&d, "alice", None);
     let script = "CAPA\r\nAUTH PLAIN AGFsaWNlAGFsaWNlLXB3\r\nQUIT\r\n";
     let r = replies(&common::pop3::run(&a, script.as_bytes()).stdout, script);
     assert!(

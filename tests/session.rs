@@ -361,24 +361,7 @@ fn max_messages_lists_the_oldest_and_uidl_format_is_honoured() {
 fn user_dir_files_pick_the_server_and_unknown_users_look_like_bad_passwords() {
     let d = Dovecot::start();
     three(&d);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("gmail-import"),
-        format!(
-            r#"{{"hostname": "127.0.0.1", "port": {}, "ssl": false, "username": "alice"}}"#,
-            d.imap_port
-        ),
-    )
-    .unwrap();
-    let args = [
-        "--user-dir",
-        dir.path().to_str().unwrap(),
-        "--allow-plaintext-auth",
-        "-l",
-        "--auth-failure-delay",
-        "0",
-    ]
-    .map(String::from);
+    let (_dir, args) = common::pop3::user_dir(&d, "gmail-import", Some("alice"));
     let script = "USER gmail-import\r\nPASS alice-pw\r\nSTAT\r\nQUIT\r\n";
     let r = replies(&common::pop3::run(&args, script.as_bytes()).stdout, script);
     assert!(r[3].status.starts_with("+OK 3 "), "{r:?}");

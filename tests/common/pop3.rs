@@ -188,3 +188,33 @@ pub fn expected_top(imap: &[u8], lines: usize) -> Vec<u8> {
     }
     full[..end].to_vec()
 }
+
+/// A `--user-dir` with one file, `DIR/<pop3_user>`, pointing at `d`'s plain IMAP port (as
+/// `imap_user` if given), and aiopopd's arguments to use it. Keep the directory alive.
+pub fn user_dir(
+    d: &Dovecot,
+    pop3_user: &str,
+    imap_user: Option<&str>,
+) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let username = imap_user.map_or(String::new(), |u| format!(r#", "username": "{u}""#));
+    std::fs::write(
+        dir.path().join(pop3_user),
+        format!(
+            r#"{{"hostname": "127.0.0.1", "port": {}, "ssl": false{username}}}"#,
+            d.imap_port
+        ),
+    )
+    .expect("write the user file");
+    let args = [
+        "--user-dir",
+        dir.path().to_str().expect("utf-8 path"),
+        "--allow-plaintext-auth",
+        "-l",
+        "--auth-failure-delay",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec();
+    (dir, args)
+}
