@@ -122,6 +122,13 @@ fn run(args: &[&str]) -> Output {
     run_with(Command::new(CLIENT).args(args), None)
 }
 
+/// The client as alice (`-p plain:alice-pw`) on `port`, with `extra` arguments.
+fn alice(port: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["-n", port, "-u", "alice", "-p", "plain:alice-pw"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 /// Runs the client (with `--timeout 10` unless the test chose one), feeding `stdin` if given
 /// (else stdin is empty).
 fn run_with(cmd: &mut Command, stdin: Option<&str>) -> Output {
@@ -185,7 +192,7 @@ const DEFAULT_COMMANDS: [&str; 10] = [
 #[test]
 fn normal_session_passes() {
     let (port, server) = scripted("+OK POP3 ready\r\n", good);
-    let out = run(&["-n", &port, "-u", "alice", "-p", "plain:alice-pw"]);
+    let out = alice(&port, &[]);
     let o = assert_passed(&out, "alice-pw");
     assert_eq!(server.join().unwrap(), DEFAULT_COMMANDS);
     for line in [
@@ -203,7 +210,7 @@ fn normal_session_passes() {
 #[test]
 fn delete_sends_dele_and_no_rset() {
     let (port, server) = scripted("+OK\r\n", good);
-    let out = run(&["-n", &port, "-u", "alice", "-p", "plain:alice-pw", "-d"]);
+    let out = alice(&port, &["-d"]);
     assert_passed(&out, "alice-pw");
     let got = server.join().unwrap();
     assert_eq!(got[6..], ["RETR 1", "DELE 1", "NOOP", "QUIT"]);
@@ -212,36 +219,18 @@ fn delete_sends_dele_and_no_rset() {
 #[test]
 fn retr_all_and_retr_n() {
     let (port, server) = scripted("+OK\r\n", good);
-    let out = run(&["-n", &port, "-u", "alice", "-p", "plain:alice-pw", "--all"]);
+    let out = alice(&port, &["--all"]);
     let o = assert_passed(&out, "alice-pw");
     assert!(o.contains("<<< Subject: second\n"), "{o}");
     assert_eq!(server.join().unwrap()[6..8], ["RETR 1", "RETR 2"]);
 
     let (port, server) = scripted("+OK\r\n", good);
-    let out = run(&[
-        "-n",
-        &port,
-        "-u",
-        "alice",
-        "-p",
-        "plain:alice-pw",
-        "--retr",
-        "2",
-    ]);
+    let out = alice(&port, &["--retr", "2"]);
     assert_passed(&out, "alice-pw");
     assert_eq!(server.join().unwrap()[6], "RETR 2");
 
     let (port, _server) = scripted("+OK\r\n", good);
-    let out = run(&[
-        "-n",
-        &port,
-        "-u",
-        "alice",
-        "-p",
-        "plain:alice-pw",
-        "--retr",
-        "3",
-    ]);
+    let out = alice(&port, &["--retr", "3"]);
     assert_failed(&out, "--retr 3: the server lists only 2 messages");
 }
 
@@ -258,7 +247,7 @@ fn retr_octets_not_matching_list_are_reported() {
         )),
         _ => good(line),
     });
-    let out = run(&["-n", &port, "-u", "alice", "-p", "plain:alice-pw", "-d"]);
+    let out = alice(&port, &["-d"]);
     assert_failed(
         &out,
         "FAILED: server sent 59 octets for message 1 but LIST said 56",
@@ -277,7 +266,7 @@ fn unstuffed_dot_line_is_reported() {
         "RETR 1" => say(&format!("+OK\r\n{MSG1}.\r\n")),
         _ => good(line),
     });
-    let out = run(&["-n", &port, "-u", "alice", "-p", "plain:alice-pw"]);
+    let out = alice(&port, &[]);
     assert_failed(
         &out,
         "RETR 1: line 5 of the multi-line reply starts with '.' but is neither byte-stuffed",
@@ -291,7 +280,7 @@ fn missing_terminator_is_reported() {
         "RETR 1" => Act::SayAndClose(b"+OK\r\nFrom: a@example.org\r\nSubject: fi".to_vec()),
         _ => good(line),
     });
-    let out = run(&["-n", &port, "-u", "alice", "-p", "plain:alice-pw"]);
+    let out = alice(&port, &[]);
     assert_failed(
         &out,
         "RETR 1: the server closed the connection before the end of the multi-line reply",
@@ -304,7 +293,7 @@ fn bare_lf_is_reported() {
         "UIDL" => say("+OK\r\n1 000001\n2 000002\r\n.\r\n"),
         _ => good(line),
     });
-    let out = run(&["-n", &port, "-u", "alice", "-p", "plain:alice-pw"]);
+    let out = alice(&port, &[]);
     assert_failed(
         &out,
         "UIDL: line 1 of the multi-line reply ends in a bare LF",
@@ -323,7 +312,7 @@ fn err_replies_are_reported() {
         "NOOP" => say("-ERR no\r\n"),
         _ => good(line),
     });
-    let out = run(&["-n", &port, "-u", "alice", "-p", "plain:alice-pw"]);
+    let out = alice(&port, &[]);
     assert_failed(&out, "NOOP: the server answered -ERR no");
 }
 
@@ -333,7 +322,7 @@ fn server_without_capa_is_fine() {
         "CAPA" => say("-ERR Unknown command.\r\n"),
         _ => good(line),
     });
-    let out = run(&["-n", &port, "-u", "alice", "-p", "plain:alice-pw"]);
+    let out = alice(&port, &[]);
     let o = assert_passed(&out, "alice-pw");
     assert!(o.contains("*** no CAPA"), "{o}");
 }
@@ -507,17 +496,7 @@ fn dovecot() -> Dovecot {
 fn dovecot_plain() {
     let dovecot = dovecot();
     let port = dovecot.pop3_port.to_string();
-    let out = run(&[
-        "-H",
-        "127.0.0.1",
-        "-n",
-        &port,
-        "-u",
-        "alice",
-        "-p",
-        "plain:alice-pw",
-        "--all",
-    ]);
+    let out = alice(&port, &["-H", "127.0.0.1", "--all"]);
     let o = assert_passed(&out, "alice-pw");
     assert!(o.contains("<<< Subject: dovecot one\n"), "{o}");
     assert!(o.contains("<<< Subject: dovecot two\n"), "{o}");
@@ -528,17 +507,7 @@ fn dovecot_plain() {
 fn dovecot_delete_removes_message_1() {
     let dovecot = dovecot();
     let port = dovecot.pop3_port.to_string();
-    let out = run(&[
-        "-H",
-        "127.0.0.1",
-        "-n",
-        &port,
-        "-u",
-        "alice",
-        "-p",
-        "plain:alice-pw",
-        "-d",
-    ]);
+    let out = alice(&port, &["-H", "127.0.0.1", "-d"]);
     assert_passed(&out, "alice-pw");
     assert_eq!(dovecot.mailbox_status("alice", "INBOX", "messages"), "1");
 }
@@ -548,19 +517,7 @@ fn dovecot_pop3s_with_ca() {
     let dovecot = dovecot();
     let port = dovecot.pop3s_port.to_string();
     let ca = dovecot.ca_cert_path().to_str().unwrap().to_string();
-    let out = run(&[
-        "-s",
-        "-H",
-        "127.0.0.1",
-        "-n",
-        &port,
-        "-u",
-        "alice",
-        "-p",
-        "plain:alice-pw",
-        "--ca",
-        &ca,
-    ]);
+    let out = alice(&port, &["-s", "-H", "127.0.0.1", "--ca", &ca]);
     let o = assert_passed(&out, "alice-pw");
     assert!(o.starts_with("*** TLS started\n<<< +OK"), "{o}");
 }
@@ -569,17 +526,7 @@ fn dovecot_pop3s_with_ca() {
 fn dovecot_pop3s_without_ca_fails_on_the_certificate() {
     let dovecot = dovecot();
     let port = dovecot.pop3s_port.to_string();
-    let out = run(&[
-        "-s",
-        "-H",
-        "127.0.0.1",
-        "-n",
-        &port,
-        "-u",
-        "alice",
-        "-p",
-        "plain:alice-pw",
-    ]);
+    let out = alice(&port, &["-s", "-H", "127.0.0.1"]);
     let e = assert_failed(&out, "FAILED: TLS handshake with 127.0.0.1 failed");
     assert!(e.contains("certificate verify failed"), "{e}");
     assert!(e.contains("--ca FILE"), "{e}");
@@ -590,18 +537,7 @@ fn dovecot_pop3s_without_ca_fails_on_the_certificate() {
 fn dovecot_pop3s_insecure_works_and_warns() {
     let dovecot = dovecot();
     let port = dovecot.pop3s_port.to_string();
-    let out = run(&[
-        "-s",
-        "-H",
-        "127.0.0.1",
-        "-n",
-        &port,
-        "-u",
-        "alice",
-        "-p",
-        "plain:alice-pw",
-        "--insecure",
-    ]);
+    let out = alice(&port, &["-s", "-H", "127.0.0.1", "--insecure"]);
     assert_passed(&out, "alice-pw");
     assert!(
         stderr(&out).contains("WARNING: --insecure"),
@@ -616,19 +552,7 @@ fn dovecot_stls_with_ca() {
     let port = dovecot.pop3_port.to_string();
     let ca = dovecot.ca_cert_path().to_str().unwrap().to_string();
     // By name this time, so the certificate's DNS name is what gets checked.
-    let out = run(&[
-        "--stls",
-        "-H",
-        "localhost",
-        "-n",
-        &port,
-        "-u",
-        "alice",
-        "-p",
-        "plain:alice-pw",
-        "--ca",
-        &ca,
-    ]);
+    let out = alice(&port, &["--stls", "-H", "localhost", "--ca", &ca]);
     let o = assert_passed(&out, "alice-pw");
     assert!(o.contains(">>> STLS\n<<< +OK"), "{o}");
     let after_tls = o.split("*** TLS started\n").nth(1).expect("TLS started");
@@ -727,17 +651,7 @@ fn a_message_without_a_final_line_end_is_accepted_with_a_note() {
     );
     let act = common::activate::Activator::start(true, &common::pop3::args(&d));
     let port = act.port.to_string();
-    let out = run(&[
-        "-H",
-        "127.0.0.1",
-        "-n",
-        &port,
-        "-u",
-        "alice",
-        "-p",
-        "plain:alice-pw",
-        "--all",
-    ]);
+    let out = alice(&port, &["-H", "127.0.0.1", "--all"]);
     let text = assert_passed(&out, "alice-pw");
     assert!(text.contains("*** (2 octets more than listed"), "{text}");
 }
