@@ -68,6 +68,15 @@ impl Write for Stream {
 
 type Session = imap::Session<Shared<Stream>>;
 
+/// Body fetches sent ahead (see `Maildrop::prefetch`) expect at most this many octets in all
+/// (beyond the nearest message's first chunk), so that their answers mostly fit in the socket
+/// buffers: a server whose output stays blocked may drop the connection (Dovecot: after 5
+/// minutes), and a POP3 client may pause that long. 64 KiB did as well as 256 KiB on loopback
+/// (BENCHMARKS.md); a remote server's round trip wants more in flight.
+const PREFETCH_BUDGET: u64 = 128 << 10;
+/// ... and are at most this many commands.
+const PREFETCH_MOST: usize = 16;
+
 /// A connection not yet logged in: the crate's client, and our handle on the same stream.
 struct Connection {
     client: imap::Client<Shared<Stream>>,
@@ -720,6 +729,12 @@ impl Maildrop for ImapMaildrop {
             Err(imapwire::Failed::No(text)) if text.contains("EXPUNGEISSUED") => Err(Error::Gone),
             Err(e) => Err(wire_error(&format!("UID FETCH {uid}"), e)),
         }
+    }
+
+    fn prefetch(&mut self, len: u64, next: &mut dyn Iterator<Item = Message>) {
+        let next = &mut next.map(|m| (m.uid, m.size));
+        self.wire
+            .prefetch(len, PREFETCH_BUDGET, PREFETCH_MOST, next);
     }
 
     fn commit(&mut self, deleted: &[u32]) -> Result<Option<&'static str>, Error> {

@@ -10,8 +10,15 @@
 //! `read`, so the crate's own buffer never holds bytes past a line end; between commands it is
 //! empty, and whatever the server sent meanwhile waits in our buffer for whichever reader comes
 //! next. Our commands use their own tag prefix, so they never collide with the crate's.
+//!
+//! Body fetches may be sent ahead ([`Shared::prefetch`]) so the server works while the POP3
+//! client reads: each is a [`Request`] in a queue whose answers are read as they are needed,
+//! every body routed to its request by UID and origin (a server may interleave them). Before
+//! any other command, ours or the crate's, the queue is drained.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::rc::Rc;
 
@@ -19,11 +26,38 @@ use std::rc::Rc;
 const MAX_LINE: usize = 64 << 10;
 const BUF: usize = 64 << 10;
 
-struct Wire<S> {
+/// Reads the stream in lines and literals.
+struct Reader<S> {
     stream: S,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+}
+
+/// A body fetch sent and not yet taken by `fetch_body`.
+struct Request {
+    tag: String,
+    uid: u32,
+    offset: u64,
+    len: u64,
+    /// What it was expected to hold in memory once answered, for `prefetch`'s budget.
+    cost: u64,
+    /// The body, once read (empty for `""`); `None` until then, or for good if the server
+    /// answered without it.
+    body: Option<Vec<u8>>,
+    /// The tagged answer once read: `Ok`, or the text of a NO.
+    done: Option<Result<(), String>>,
+}
+
+impl Request {
+    fn is(&self, uid: u32, offset: u64, len: u64) -> bool {
+        (self.uid, self.offset, self.len) == (uid, offset, len)
+    }
+}
+
+struct Wire<S> {
+    io: Reader<S>,
+    requests: VecDeque<Request>,
     tags: u32,
     /// Set when a command of ours failed mid-way: what comes next on the stream could be the
     /// rest of an old response (even a message body made to look like IMAP), so nothing more
@@ -43,17 +77,20 @@ impl<S> Clone for Shared<S> {
 impl<S: Read + Write> Shared<S> {
     pub fn new(stream: S) -> Shared<S> {
         Shared(Rc::new(RefCell::new(Wire {
-            stream,
-            buf: vec![0; BUF].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            io: Reader {
+                stream,
+                buf: vec![0; BUF].into_boxed_slice(),
+                start: 0,
+                end: 0,
+            },
+            requests: VecDeque::new(),
             tags: 0,
             broken: false,
         })))
     }
 }
 
-impl<S: Read> Wire<S> {
+impl<S: Read> Reader<S> {
     /// Reads more from the stream; false at EOF.
     fn fill(&mut self) -> io::Result<bool> {
         if self.start == self.end {
@@ -109,35 +146,39 @@ impl<S: Read> Wire<S> {
     }
 }
 
-impl<S: Read> Read for Shared<S> {
+impl<S: Read + Write> Read for Shared<S> {
     /// At most one line per call (see the module comment).
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let mut w = self.0.borrow_mut();
-        if w.broken {
-            return Err(io::Error::other("the IMAP connection failed earlier"));
-        }
-        if w.start == w.end && !w.fill()? {
+        w.ready_for_other_command().map_err(into_io)?;
+        let r = &mut w.io;
+        if r.start == r.end && !r.fill()? {
             return Ok(0);
         }
-        let avail = &w.buf[w.start..w.end];
+        let avail = &r.buf[r.start..r.end];
         let line = memchr::memchr(b'\n', avail).map_or(avail.len(), |i| i + 1);
         let n = line.min(out.len());
         out[..n].copy_from_slice(&avail[..n]);
-        w.start += n;
+        r.start += n;
         Ok(n)
     }
 }
 
-impl<S: Write> Write for Shared<S> {
+impl<S: Read + Write> Write for Shared<S> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut w = self.0.borrow_mut();
-        if w.broken {
-            return Err(io::Error::other("the IMAP connection failed earlier"));
-        }
-        w.stream.write(data)
+        w.ready_for_other_command().map_err(into_io)?;
+        w.io.stream.write(data)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.0.borrow_mut().stream.flush()
+        self.0.borrow_mut().io.stream.flush()
+    }
+}
+
+fn into_io(e: Failed) -> io::Error {
+    match e {
+        Failed::Io(e) => e,
+        Failed::No(t) | Failed::Broken(t) => io::Error::other(t),
     }
 }
 
@@ -157,106 +198,233 @@ impl From<io::Error> for Failed {
     }
 }
 
-/// What `run` hands each untagged response to: the response, the body buffer, and its length
-/// before this response (to take back a literal that wasn't ours).
-type Each<'a> = dyn FnMut(&Untagged, Option<&mut Vec<u8>>, usize) + 'a;
-
-/// One untagged response, its literals read: the text outside them, and whether the literal
-/// that followed `BODY[]<...>` went to the caller's buffer.
-struct Untagged {
-    text: Vec<u8>,
-    body_taken: bool,
+/// A tagged status line: OK, or the text of a NO; anything else breaks the stream.
+fn status(line: &[u8], rest: &[u8]) -> Result<Result<(), String>, Failed> {
+    let text = String::from_utf8_lossy(rest).trim_end().to_string();
+    let (status, detail) = text.split_once(' ').unwrap_or((&text, ""));
+    match status.to_ascii_uppercase().as_str() {
+        "OK" => Ok(Ok(())),
+        "NO" => Ok(Err(detail.to_string())),
+        _ => Err(Failed::Broken(crate::log::truncated(line))),
+    }
 }
 
-impl<S: Read + Write> Shared<S> {
-    /// Sends `command` with a fresh tag of ours and reads the responses, handing each untagged
-    /// one to `each`. `body` receives the octets of the literal that follows `section` (e.g.
-    /// `BODY[]<0>`), which may be at most `max` octets. A failure other than a tagged NO leaves
-    /// the stream unusable.
-    fn run(
-        &self,
-        command: &str,
-        body: Option<(&mut Vec<u8>, &[u8], u64)>,
-        each: &mut Each<'_>,
-    ) -> Result<(), Failed> {
-        if self.0.borrow().broken {
-            return Err(Failed::Broken("the IMAP connection failed earlier".into()));
-        }
-        let result = self.run_once(command, body, each);
-        if matches!(result, Err(Failed::Io(_)) | Err(Failed::Broken(_))) {
-            self.0.borrow_mut().broken = true;
-        }
-        result
-    }
+/// The text after `tag ` if `line` is tagged with it.
+fn tagged<'a>(line: &'a [u8], tag: &str) -> Option<&'a [u8]> {
+    line.strip_prefix(tag.as_bytes())?.strip_prefix(b" ")
+}
 
-    fn run_once(
-        &self,
-        command: &str,
-        body: Option<(&mut Vec<u8>, &[u8], u64)>,
-        each: &mut Each<'_>,
-    ) -> Result<(), Failed> {
-        let (mut body, section, max) = match body {
-            Some((b, section, max)) => (Some(b), section, max),
-            None => (None, &b""[..], 0),
-        };
-        let mut w = self.0.borrow_mut();
-        w.tags += 1;
-        let tag = format!("p{}", w.tags);
-        w.stream
-            .write_all(format!("{tag} {command}\r\n").as_bytes())?;
-        w.stream.flush()?;
-        let mut line = Vec::new();
+/// An untagged `BYE`: the server is going away.
+fn is_bye(line: &[u8]) -> bool {
+    line.get(2..5)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"BYE"))
+}
+
+/// A body literal and the origin it was sent for.
+type Body = (u64, Vec<u8>);
+
+impl<S: Read> Reader<S> {
+    /// Reads the rest of the untagged response that starts with `line`: every literal, and the
+    /// line that continues after each. Returns the text outside the literals and, if a literal
+    /// followed `BODY[]<origin>` and `room(origin)` has room for it (the most octets a request
+    /// at that origin asked for), that origin and literal. Only FETCH responses carry literals
+    /// here; any other line is text, whatever its end.
+    fn response(
+        &mut self,
+        mut line: Vec<u8>,
+        room: &dyn Fn(u64) -> Option<u64>,
+    ) -> Result<(Vec<u8>, Option<Body>), Failed> {
+        let fetch = is_fetch(&line);
+        let mut text = Vec::new();
+        let mut body = None;
         loop {
-            w.line(&mut line)?;
-            if let Some(rest) = line
-                .strip_prefix(tag.as_bytes())
-                .and_then(|r| r.strip_prefix(b" "))
-            {
-                let text = String::from_utf8_lossy(rest).trim_end().to_string();
-                let (status, detail) = text.split_once(' ').unwrap_or((&text, ""));
-                return match status.to_ascii_uppercase().as_str() {
-                    "OK" => Ok(()),
-                    "NO" => Err(Failed::No(detail.to_string())),
-                    _ => Err(Failed::Broken(text)),
-                };
-            }
-            if !line.starts_with(b"* ") {
-                return Err(Failed::Broken(crate::log::truncated(&line)));
-            }
-            if line[2..].len() >= 3 && line[2..5].eq_ignore_ascii_case(b"BYE") {
-                return Err(Failed::Broken(crate::log::truncated(&line)));
-            }
-            // Read the response whole: every literal, and the line that continues after it.
-            let before = body.as_deref().map_or(0, Vec::len);
-            let mut u = Untagged {
-                text: Vec::new(),
-                body_taken: false,
+            let Some((before, n)) = split_literal(&line).filter(|_| fetch) else {
+                text.extend_from_slice(&line);
+                return Ok((text, body));
             };
-            // Only FETCH responses carry literals here; any other line is text, whatever its end.
-            let fetch = is_fetch(&line);
-            loop {
-                let Some((text, n)) = split_literal(&line).filter(|_| fetch) else {
-                    u.text.extend_from_slice(&line);
-                    break;
-                };
-                u.text.extend_from_slice(text);
-                let for_body = body.is_some() && ends_with(text, section) && !u.body_taken;
-                if for_body && n > max {
+            text.extend_from_slice(before);
+            let wanted = body_origin(before)
+                .filter(|_| body.is_none())
+                .and_then(|o| room(o).map(|max| (o, max)));
+            match wanted {
+                Some((_, max)) if n > max => {
                     // More than was asked for: a server that ignored the partial fetch.
                     return Err(Failed::Broken(format!(
                         "a body of {n} octets for {max} asked"
                     )));
                 }
-                match body.as_deref_mut() {
-                    Some(b) if for_body => {
-                        w.literal(n, Some(b))?;
-                        u.body_taken = true;
-                    }
-                    _ => w.literal(n, None)?,
+                Some((origin, _)) => {
+                    // n <= max, which is at most a chunk.
+                    let mut b = Vec::with_capacity(n as usize);
+                    self.literal(n, Some(&mut b))?;
+                    body = Some((origin, b));
                 }
-                w.line(&mut line)?;
+                None => self.literal(n, None)?,
             }
-            each(&u, body.as_deref_mut(), before);
+            self.line(&mut line)?;
+        }
+    }
+}
+
+impl<S: Read + Write> Wire<S> {
+    fn usable(&self) -> Result<(), Failed> {
+        if self.broken {
+            return Err(Failed::Broken("the IMAP connection failed earlier".into()));
+        }
+        Ok(())
+    }
+
+    /// Marks the stream unusable after a failure that isn't a tagged NO.
+    fn check<T>(&mut self, result: Result<T, Failed>) -> Result<T, Failed> {
+        if matches!(result, Err(Failed::Io(_)) | Err(Failed::Broken(_))) {
+            self.broken = true;
+        }
+        result
+    }
+
+    /// Before any command other than a body fetch: read every answer still owed and forget
+    /// them, so the next response on the stream belongs to that command.
+    fn ready_for_other_command(&mut self) -> Result<(), Failed> {
+        self.usable()?;
+        if self.requests.is_empty() {
+            return Ok(());
+        }
+        self.requests.retain(|r| r.done.is_none());
+        let drained = self.pump_until(|w| w.requests.iter().all(|r| r.done.is_some()));
+        self.requests.clear();
+        self.check(drained)
+    }
+
+    /// Sends these body fetches, in one write: (uid, offset, len, cost).
+    fn send(&mut self, fetches: &[(u32, u64, u64, u64)]) -> Result<(), Failed> {
+        let mut out = String::new();
+        for &(uid, offset, len, cost) in fetches {
+            self.tags += 1;
+            let tag = format!("p{}", self.tags);
+            let _ = write!(
+                out,
+                "{tag} UID FETCH {uid} (UID BODY.PEEK[]<{offset}.{len}>)\r\n"
+            );
+            self.requests.push_back(Request {
+                tag,
+                uid,
+                offset,
+                len,
+                cost,
+                body: None,
+                done: None,
+            });
+        }
+        self.io.stream.write_all(out.as_bytes())?;
+        self.io.stream.flush()?;
+        Ok(())
+    }
+
+    /// Reads responses to the queued requests until `enough`.
+    fn pump_until(&mut self, enough: impl Fn(&Self) -> bool) -> Result<(), Failed> {
+        let mut line = Vec::new();
+        while !enough(self) {
+            self.io.line(&mut line)?;
+            if !line.starts_with(b"* ") {
+                let request = self
+                    .requests
+                    .iter_mut()
+                    .find(|r| r.done.is_none() && tagged(&line, &r.tag).is_some());
+                let Some(r) = request else {
+                    return Err(Failed::Broken(crate::log::truncated(&line)));
+                };
+                r.done = Some(status(&line, tagged(&line, &r.tag).unwrap_or_default())?);
+                continue;
+            }
+            if is_bye(&line) {
+                return Err(Failed::Broken(crate::log::truncated(&line)));
+            }
+            let requests = &self.requests;
+            let room = |origin: u64| {
+                requests
+                    .iter()
+                    .filter(|r| r.offset == origin && r.body.is_none() && r.done.is_none())
+                    .map(|r| r.len)
+                    .max()
+            };
+            let (text, body) = self.io.response(std::mem::take(&mut line), &room)?;
+            if !is_fetch(&text) {
+                continue;
+            }
+            let Some(uid) = number_after(&text, b"UID ") else {
+                continue;
+            };
+            let (origin, body) = match body {
+                Some(b) => b,
+                // `BODY[]<o> ""`: there, but empty (past the end).
+                None => match empty_body_origin(&text) {
+                    Some(o) => (o, Vec::new()),
+                    None => continue,
+                },
+            };
+            let request = self.requests.iter_mut().find(|r| {
+                u64::from(r.uid) == uid
+                    && r.offset == origin
+                    && r.body.is_none()
+                    && r.done.is_none()
+            });
+            // Not ours (or a second copy): dropped.
+            if let Some(r) = request {
+                if body.len() as u64 > r.len {
+                    return Err(Failed::Broken(format!(
+                        "a body of {} octets for {} asked",
+                        body.len(),
+                        r.len
+                    )));
+                }
+                r.body = Some(body);
+            }
+        }
+        Ok(())
+    }
+
+    /// The answer to the fetch (uid, offset, len): one sent ahead, or one sent now.
+    fn take(&mut self, uid: u32, offset: u64, len: u64) -> Result<Request, Failed> {
+        let i = match self.requests.iter().position(|r| r.is(uid, offset, len)) {
+            Some(i) => i,
+            None => {
+                self.send(&[(uid, offset, len, len)])?;
+                self.requests.len() - 1
+            }
+        };
+        self.pump_until(|w| w.requests[i].done.is_some())?;
+        Ok(self.requests.remove(i).expect("the index was just found"))
+    }
+}
+
+impl<S: Read + Write> Shared<S> {
+    /// Sends `command` with a fresh tag of ours and reads the responses, handing the text of
+    /// each untagged one (literals left out) to `each`. A failure other than a tagged NO leaves
+    /// the stream unusable.
+    fn run(&self, command: &str, each: &mut dyn FnMut(&[u8])) -> Result<(), Failed> {
+        let mut w = self.0.borrow_mut();
+        w.ready_for_other_command()?;
+        let result = Self::run_once(&mut w, command, each);
+        w.check(result)
+    }
+
+    fn run_once(w: &mut Wire<S>, command: &str, each: &mut dyn FnMut(&[u8])) -> Result<(), Failed> {
+        w.tags += 1;
+        let tag = format!("p{}", w.tags);
+        w.io.stream
+            .write_all(format!("{tag} {command}\r\n").as_bytes())?;
+        w.io.stream.flush()?;
+        let mut line = Vec::new();
+        loop {
+            w.io.line(&mut line)?;
+            if let Some(rest) = tagged(&line, &tag) {
+                return status(&line, rest)?.map_err(Failed::No);
+            }
+            if !line.starts_with(b"* ") || is_bye(&line) {
+                return Err(Failed::Broken(crate::log::truncated(&line)));
+            }
+            let (text, _) = w.io.response(std::mem::take(&mut line), &|_| None)?;
+            each(&text);
         }
     }
 
@@ -270,36 +438,70 @@ impl<S: Read + Write> Shared<S> {
         len: u64,
         out: &mut Vec<u8>,
     ) -> Result<bool, Failed> {
-        let mut found = false;
-        let cmd = format!("UID FETCH {uid} (UID BODY.PEEK[]<{offset}.{len}>)");
-        // The answer names the section with its origin: BODY[]<offset>.
-        let section = format!("BODY[]<{offset}>");
-        self.run(
-            &cmd,
-            Some((out, section.as_bytes(), len)),
-            &mut |u, out, before| {
-                let ours =
-                    is_fetch(&u.text) && number_after(&u.text, b"UID ") == Some(u64::from(uid));
-                let body = ours && !found && (u.body_taken || body_is_empty_string(&u.text));
-                if body {
-                    found = true;
-                } else if u.body_taken {
-                    // Not ours after all (or a second copy): take back what was appended.
-                    if let Some(out) = out {
-                        out.truncate(before);
-                    }
-                }
-            },
-        )?;
-        Ok(found)
+        let mut w = self.0.borrow_mut();
+        w.usable()?;
+        let taken = w.take(uid, offset, len);
+        let r = w.check(taken)?;
+        r.done.expect("taken when done").map_err(Failed::No)?;
+        match r.body {
+            Some(body) if out.is_empty() => *out = body,
+            Some(body) => out.extend_from_slice(&body),
+            None => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Sends fetches of the first `len` octets of the messages `next` (uid, expected size) ahead,
+    /// nearest first: the nearest whatever its size, then as many as fit in `budget` octets and
+    /// `most` commands, counting those already sent; `fetch_body` then finds their answers.
+    /// Answers read ahead for messages no longer in that window are forgotten. A failure is left
+    /// for the fetch that would meet it.
+    pub fn prefetch(
+        &self,
+        len: u64,
+        budget: u64,
+        most: usize,
+        next: &mut dyn Iterator<Item = (u32, u64)>,
+    ) {
+        let mut w = self.0.borrow_mut();
+        if w.broken {
+            return;
+        }
+        let mut window = Vec::new();
+        let mut total = 0;
+        for (uid, size) in next.take(most) {
+            let cost = size.min(len);
+            if total + cost > budget && !window.is_empty() {
+                break;
+            }
+            total += cost;
+            window.push((uid, 0, len, cost));
+        }
+        w.requests
+            .retain(|r| r.done.is_none() || window.iter().any(|&(u, o, l, _)| r.is(u, o, l)));
+        let mut queued: u64 = w.requests.iter().map(|r| r.cost).sum();
+        window.retain(|&(u, o, l, _)| !w.requests.iter().any(|r| r.is(u, o, l)));
+        let mut send = Vec::new();
+        for f in window {
+            let count = w.requests.len() + send.len();
+            if (queued + f.3 > budget && count > 0) || count >= most {
+                break;
+            }
+            queued += f.3;
+            send.push(f);
+        }
+        if !send.is_empty() {
+            let sent = w.send(&send);
+            let _ = w.check(sent);
+        }
     }
 
     /// The server's capabilities, upper-cased. Read here rather than by the crate, whose
     /// parser fails on an untagged `* NO` (a quota warning) in the response.
     pub fn capabilities(&self) -> Result<Vec<String>, Failed> {
         let mut caps = Vec::new();
-        self.run("CAPABILITY", None, &mut |u, _, _| {
-            let text = String::from_utf8_lossy(&u.text);
+        self.run("CAPABILITY", &mut |text| {
+            let text = String::from_utf8_lossy(text);
             if let Some(list) = text
                 .get(..13)
                 .filter(|p| p.eq_ignore_ascii_case("* CAPABILITY "))
@@ -314,14 +516,14 @@ impl<S: Read + Write> Shared<S> {
     /// `FETCH 1:* (UID RFC822.SIZE FLAGS)`, one message at a time as the lines arrive:
     /// `each(uid, size, flags)` with the flags as the raw list text.
     pub fn list(&self, each: &mut dyn FnMut(u32, u64, &[u8])) -> Result<(), Failed> {
-        self.run("FETCH 1:* (UID RFC822.SIZE FLAGS)", None, &mut |u, _, _| {
-            if !is_fetch(&u.text) {
+        self.run("FETCH 1:* (UID RFC822.SIZE FLAGS)", &mut |text| {
+            if !is_fetch(text) {
                 return;
             }
-            let uid = number_after(&u.text, b"UID ").and_then(|n| u32::try_from(n).ok());
-            let size = number_after(&u.text, b"RFC822.SIZE ");
+            let uid = number_after(text, b"UID ").and_then(|n| u32::try_from(n).ok());
+            let size = number_after(text, b"RFC822.SIZE ");
             if let (Some(uid), Some(size)) = (uid, size) {
-                each(uid, size, flags(&u.text));
+                each(uid, size, flags(text));
             }
         })
     }
@@ -334,22 +536,28 @@ fn split_literal(line: &[u8]) -> Option<(&[u8], u64)> {
         .or_else(|| line.strip_suffix(b"\n"))?;
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|&b| b == b'{')?;
-    let digits = inner[open + 1..]
+    let n = inner[open + 1..]
         .strip_suffix(b"+")
         .unwrap_or(&inner[open + 1..]);
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n = digits
-        .iter()
-        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-    Some((&line[..open], n))
+    Some((&line[..open], digits(n)?))
 }
 
-/// True if the text before a literal ends with `section` (case-insensitive).
-fn ends_with(text: &[u8], section: &[u8]) -> bool {
-    let t = trim_end(text);
-    t.len() >= section.len() && t[t.len() - section.len()..].eq_ignore_ascii_case(section)
+/// The origin of a text that ends with `BODY[]<origin>` (before a literal).
+fn body_origin(text: &[u8]) -> Option<u64> {
+    let t = trim_end(text).strip_suffix(b">")?;
+    let open = t.iter().rposition(|&b| b == b'<')?;
+    let section = &t[..open];
+    if section.len() < 6 || !section[section.len() - 6..].eq_ignore_ascii_case(b"BODY[]") {
+        return None;
+    }
+    digits(&t[open + 1..])
+}
+
+fn digits(d: &[u8]) -> Option<u64> {
+    if d.is_empty() || d.len() > 19 || !d.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(d.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 fn trim_end(t: &[u8]) -> &[u8] {
@@ -360,22 +568,17 @@ fn trim_end(t: &[u8]) -> &[u8] {
     &t[..end]
 }
 
-/// `BODY[]` or `BODY[]<n>` followed by `""`: a body that is there but empty (past the end).
-fn body_is_empty_string(text: &[u8]) -> bool {
-    let Some(i) = text
-        .windows(6)
-        .position(|w| w.eq_ignore_ascii_case(b"BODY[]"))
-    else {
-        return false;
-    };
-    let mut rest = &text[i + 6..];
-    if rest.first() == Some(&b'<') {
-        match rest.iter().position(|&b| b == b'>') {
-            Some(j) => rest = &rest[j + 1..],
-            None => return false,
-        }
-    }
-    rest.starts_with(b" \"\"")
+/// `BODY[]<origin> ""`: a body that is there but empty (past the end); its origin.
+fn empty_body_origin(text: &[u8]) -> Option<u64> {
+    let i = text
+        .windows(7)
+        .position(|w| w.eq_ignore_ascii_case(b"BODY[]<"))?;
+    let rest = &text[i + 7..];
+    let close = rest.iter().position(|&b| b == b'>')?;
+    rest[close + 1..]
+        .starts_with(b" \"\"")
+        .then(|| digits(&rest[..close]))
+        .flatten()
 }
 
 /// `* n FETCH (`
@@ -488,7 +691,7 @@ mod tests {
             let mut out = b"before".to_vec();
             assert!(w.fetch_body(7, 0, 1000, &mut out).unwrap(), "piece {piece}");
             assert_eq!(&out[6..], body, "piece {piece}");
-            let sent = String::from_utf8(w.0.borrow().stream.sent.clone()).unwrap();
+            let sent = String::from_utf8(w.0.borrow().io.stream.sent.clone()).unwrap();
             assert_eq!(sent, "p1 UID FETCH 7 (UID BODY.PEEK[]<0.1000>)\r\n");
         }
     }
@@ -611,6 +814,107 @@ mod tests {
             9,
         );
         assert_eq!(w.capabilities().unwrap(), ["IMAP4REV1", "UIDPLUS", "MOVE"]);
+    }
+
+    fn sent(w: &Shared<Canned>) -> String {
+        String::from_utf8(w.0.borrow().io.stream.sent.clone()).unwrap()
+    }
+
+    fn body(uid: u32, origin: u64, data: &str) -> String {
+        format!(
+            "* 1 FETCH (UID {uid} BODY[]<{origin}> {{{}}}\r\n{data})\r\n",
+            data.len()
+        )
+    }
+
+    #[test]
+    fn fetches_sent_ahead_are_answered_from_the_queue_in_any_order() {
+        // Answers arrive interleaved and out of order, as RFC 3501 allows.
+        let script = [
+            body(8, 0, "eight"),
+            "p2 OK\r\n".into(),
+            body(7, 0, "seven"),
+            "* 9 EXISTS\r\np1 OK\r\n".into(),
+            "* 3 FETCH (UID 9 BODY[]<0> NIL)\r\np3 OK\r\n".into(),
+        ]
+        .concat();
+        let w = wire(script.as_bytes(), 7);
+        let mut next = [(7, 5), (8, 5), (9, 5)].into_iter();
+        w.prefetch(100, 1000, 16, &mut next);
+        assert_eq!(
+            sent(&w),
+            "p1 UID FETCH 7 (UID BODY.PEEK[]<0.100>)\r\n\
+             p2 UID FETCH 8 (UID BODY.PEEK[]<0.100>)\r\n\
+             p3 UID FETCH 9 (UID BODY.PEEK[]<0.100>)\r\n"
+        );
+        let mut out = Vec::new();
+        assert!(w.fetch_body(8, 0, 100, &mut out).unwrap());
+        assert_eq!(out, b"eight");
+        out.clear();
+        assert!(w.fetch_body(7, 0, 100, &mut out).unwrap());
+        assert_eq!(out, b"seven");
+        assert!(!w.fetch_body(9, 0, 100, &mut out).unwrap(), "gone");
+        assert_eq!(sent(&w).lines().count(), 3, "nothing asked twice");
+    }
+
+    #[test]
+    fn prefetch_keeps_to_its_budget_and_never_asks_twice() {
+        let w = wire(b"", 64);
+        // The nearest is sent whatever its size; then what fits in 100 octets, at most 3.
+        let sizes = [(1, 500), (2, 40), (3, 40), (4, 40), (5, 1)];
+        w.prefetch(1000, 100, 3, &mut sizes.into_iter());
+        assert_eq!(sent(&w).lines().count(), 1, "{}", sent(&w));
+        let w = wire(b"", 64);
+        w.prefetch(1000, 100, 3, &mut sizes[1..].iter().copied());
+        assert_eq!(sent(&w).lines().count(), 2);
+        w.prefetch(1000, 100, 3, &mut sizes[1..].iter().copied());
+        assert_eq!(sent(&w).lines().count(), 2, "already in flight");
+        assert!(sent(&w).contains("UID FETCH 3 "));
+    }
+
+    #[test]
+    fn any_other_command_first_drains_what_was_sent_ahead() {
+        let script = [
+            body(7, 0, "seven"),
+            "p1 OK\r\n".into(),
+            "p2 NO [EXPUNGEISSUED] gone\r\n".into(),
+            "* CAPABILITY IMAP4rev1\r\np3 OK\r\n".into(),
+            "* OK for the crate\r\n".into(),
+        ]
+        .concat();
+        let mut w = wire(script.as_bytes(), 5);
+        w.prefetch(100, 1000, 16, &mut [(7, 5), (8, 5)].into_iter());
+        assert_eq!(w.capabilities().unwrap(), ["IMAP4REV1"]);
+        let mut line = Vec::new();
+        let mut buf = [0u8; 64];
+        while !line.ends_with(b"\n") {
+            let n = w.read(&mut buf).unwrap();
+            line.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(line, b"* OK for the crate\r\n");
+        // The answers were forgotten: a fetch now asks again.
+        assert!(w.fetch_body(7, 0, 100, &mut Vec::new()).is_err());
+        assert!(sent(&w).ends_with("p4 UID FETCH 7 (UID BODY.PEEK[]<0.100>)\r\n"));
+    }
+
+    #[test]
+    fn a_fetch_for_something_not_sent_ahead_reads_past_those_that_were() {
+        // A second chunk of message 7 while 8 was fetched ahead: 8's answer is kept.
+        let script = [
+            body(8, 0, "eight"),
+            "p1 OK\r\n".into(),
+            body(7, 100, "rest"),
+            "p2 OK\r\n".into(),
+        ]
+        .concat();
+        let w = wire(script.as_bytes(), 3);
+        w.prefetch(100, 1000, 16, &mut [(8, 5)].into_iter());
+        let mut out = Vec::new();
+        assert!(w.fetch_body(7, 100, 100, &mut out).unwrap());
+        assert_eq!(out, b"rest");
+        out.clear();
+        assert!(w.fetch_body(8, 0, 100, &mut out).unwrap());
+        assert_eq!(out, b"eight");
     }
 
     #[test]

@@ -92,6 +92,13 @@ pub trait Maildrop {
     /// Appends up to `len` octets of message `uid` starting at `offset` to `out`. Fewer than
     /// `len` octets means the message ended. `Error::Gone` if the message no longer exists.
     fn fetch(&mut self, uid: u32, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), Error>;
+    /// A hint: the first `len` octets of these messages (nearest first) are likely to be
+    /// fetched next. A backend may ask for some now, so that its server works while the client
+    /// reads, and serve them from `fetch` later; it bounds what it holds. Failures are left for
+    /// `fetch` to meet.
+    fn prefetch(&mut self, len: u64, next: &mut dyn Iterator<Item = Message>) {
+        let _ = (len, next);
+    }
     /// The UPDATE state: applies the deletion of these UIDs. `Ok` may carry a remark for the
     /// client (e.g. a deletion that could only be partly honoured, by design).
     fn commit(&mut self, deleted: &[u32]) -> Result<Option<&'static str>, Error>;

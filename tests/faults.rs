@@ -777,6 +777,48 @@ fn a_message_expunged_by_another_client_gives_err_and_the_session_goes_on() {
     }
 }
 
+/// The fetch of message 2 is sent ahead, while the client still reads message 1 (the second
+/// UID FETCH the server sees): what goes wrong with it is met by RETR 2 as if it had been sent
+/// then, before any `+OK`.
+#[test]
+fn a_fault_in_a_fetch_sent_ahead_is_met_cleanly_by_the_retr_that_wants_it() {
+    let ok1 = format!("+OK {} octets", msg(1).len());
+    let ok3 = format!("+OK {} octets", msg(3).len());
+    let cases = [
+        (
+            Act::CutMidResponse,
+            vec![
+                ok1.as_str(),
+                "-ERR [SYS/TEMP] The mail server failed; try again later.",
+            ],
+        ),
+        (
+            Act::ExpungeElsewhere(2),
+            vec![
+                ok1.as_str(),
+                "-ERR That message was deleted by another client.",
+                ok3.as_str(),
+                "+OK pop.test POP3 proxy signing off.",
+            ],
+        ),
+    ];
+    for (act, want) in cases {
+        let what = format!("{act:?}");
+        let fake = three().on_nth("UID FETCH", 2, act).start();
+        let r = run(
+            &fake,
+            &[],
+            &format!("{LOGIN}RETR 1\r\nRETR 2\r\nRETR 3\r\nQUIT\r\n"),
+        );
+        assert_eq!(replies(&r)[2..], want, "{what}: {}", r.stderr);
+        assert!(
+            fake.mutations().is_empty(),
+            "{what}: {:?}",
+            fake.mutations()
+        );
+    }
+}
+
 #[test]
 fn a_message_expunged_in_dovecot_during_the_session_gives_err() {
     let d = Dovecot::start();

@@ -118,6 +118,45 @@ fn retr_and_top_never_change_flags() {
     assert!(before.iter().all(|(_, f)| f.is_empty()));
 }
 
+/// After a RETR the next messages are fetched ahead; a client that skips around, deletes, uses
+/// TOP or reads a message bigger than a chunk in between must still get exactly the right
+/// octets, and what was fetched ahead but never retrieved stays untouched.
+#[test]
+fn messages_fetched_ahead_are_served_in_any_order_and_change_nothing() {
+    let d = dovecot_with(&corpus());
+    let bodies = d.imap_bodies("alice", "alice-pw", "INBOX");
+    let script = format!(
+        "{LOGIN}RETR 1\r\nDELE 2\r\nRETR 5\r\nRETR 3\r\nTOP 4 2\r\nRETR 7\r\n\
+         RETR 2\r\nRETR 6\r\nRETR 4\r\nQUIT\r\n"
+    );
+    let r = run(&d, &["--on-dele", "expunge"], &script);
+    assert_eq!(r.len(), 3 + 9 + 1, "{r:?}");
+    let retr = |at: usize, no: usize| {
+        assert!(r[at].ok(), "RETR {no}: {}", r[at].status);
+        assert_eq!(
+            r[at].body.as_deref(),
+            Some(&expected_retr(&bodies[no - 1].1)[..]),
+            "RETR {no}"
+        );
+    };
+    retr(3, 1);
+    retr(5, 5);
+    retr(6, 3);
+    assert_eq!(
+        r[7].body.as_deref(),
+        Some(&expected_top(&bodies[3].1, 2)[..])
+    );
+    retr(8, 7);
+    assert_eq!(r[9].status, "-ERR That message is marked deleted.");
+    retr(10, 6);
+    retr(11, 4);
+    assert!(r[12].ok(), "{}", r[12].status);
+    let flags = d.flags("alice", "INBOX");
+    let uids: Vec<u32> = flags.iter().map(|f| f.0).collect();
+    assert_eq!(uids, [1, 3, 4, 5, 6, 7], "exactly message 2 expunged");
+    assert!(flags.iter().all(|(_, f)| f.is_empty()), "{flags:?}");
+}
+
 fn three(d: &Dovecot) {
     for i in 1..=3 {
         d.deliver(

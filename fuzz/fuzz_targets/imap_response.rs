@@ -4,7 +4,7 @@
 //! The first byte picks the command and how the server's bytes arrive (piece size); the rest is
 //! the server's side. Whatever it is, the reader must not panic, must not invent octets (a body
 //! is never longer than what the server sent), and must leave the body buffer untouched when it
-//! says the message is gone.
+//! says the message is gone. Fetches sent ahead and taken out of order are part of it.
 #![no_main]
 
 use aiopopd::imapwire::Shared;
@@ -44,8 +44,12 @@ fuzz_target!(|data: &[u8]| {
     });
     match how & 3 {
         0 | 1 => {
-            // Two fetches in a row on one stream, as a RETR of two chunks does.
-            for (uid, offset) in [(7u32, 0u64), (7, 16)] {
+            // Two fetches in a row on one stream, as a RETR of two chunks does; with 1, three
+            // fetches sent ahead first (after a RETR), taken out of order, then another command.
+            if how & 3 == 1 {
+                wire.prefetch(16, 64, 16, &mut [(8, 16), (7, 16), (9, 16)].into_iter());
+            }
+            for (uid, offset) in [(7u32, 0u64), (7, 16), (8, 0)] {
                 let mut out = b"kept".to_vec();
                 match wire.fetch_body(uid, offset, 16, &mut out) {
                     Ok(true) => assert!(out.len() - 4 <= server.len(), "octets out of nowhere"),
@@ -54,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 assert!(out.starts_with(b"kept"), "earlier octets overwritten");
             }
+            let _ = wire.capabilities();
         }
         2 => {
             if let Ok(caps) = wire.capabilities() {
