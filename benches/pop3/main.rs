@@ -39,7 +39,8 @@ pub const PASSWORD: &str = "bench-pw";
 pub const MSG_SIZE: usize = 20 * 1024;
 
 const USAGE: &str = "\
-usage: scripts/bench [--quick] [--reps N] [--only LIST] [--aiopopd PATH] [--no-write]
+usage: scripts/bench [--quick] [--reps N] [--only LIST] [--aiopopd PATH] [--static PATH]
+                     [--no-write]
        scripts/bench --profile
 
   --quick          small sizes, one repetition; fails if any session fails, asserts no timing
@@ -47,6 +48,7 @@ usage: scripts/bench [--quick] [--reps N] [--only LIST] [--aiopopd PATH] [--no-w
   --only LIST      comma-separated subset of: session,big,greeting,scale,concurrency
   --aiopopd PATH   the aiopopd binary to measure (default: the one cargo built)
   --rev TEXT       what that binary was built from, for the report (default: git describe)
+  --static PATH    also time the greeting of this aiopopd, built with OpenSSL linked statically
   --no-write       don't update BENCHMARKS.md and benches/session-time.svg
   --profile        workload 1 once under strace -c, strace (per fd), perf stat, perf record
                    and callgrind; reports in target/bench/profile/
@@ -59,6 +61,7 @@ pub struct Opts {
     pub only: Option<Vec<String>>,
     pub aiopopd: String,
     pub rev: Option<String>,
+    pub static_openssl: Option<String>,
     pub write: bool,
     pub profile: bool,
     pub out: PathBuf,
@@ -73,6 +76,7 @@ impl Opts {
             only: None,
             aiopopd: env!("CARGO_BIN_EXE_aiopopd").to_string(),
             rev: None,
+            static_openssl: None,
             write: true,
             profile: false,
             out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench"),
@@ -89,6 +93,7 @@ impl Opts {
                 "--only" => o.only = Some(value("--only").split(',').map(String::from).collect()),
                 "--aiopopd" => o.aiopopd = value("--aiopopd"),
                 "--rev" => o.rev = Some(value("--rev")),
+                "--static" => o.static_openssl = Some(value("--static")),
                 "--no-write" => o.write = false,
                 "--profile" => o.profile = true,
                 // `cargo bench` passes this to every bench target.
@@ -783,7 +788,7 @@ impl Bench {
             connector.add_root_certificate(cert);
         }
         let connector = connector.build().expect("TLS connector");
-        let targets: Vec<(&str, u16, bool)> = vec![
+        let mut targets: Vec<(&str, u16, bool)> = vec![
             ("floor: /bin/echo under socket-activate", floor.port, false),
             ("aiopopd plain", plain.port, false),
             ("Dovecot POP3 plain", self.d.pop3_port, false),
@@ -791,6 +796,18 @@ impl Bench {
             ("Dovecot POP3S (RSA 2048)", self.d.pop3s_port, true),
             ("aiopopd TLS (ECDSA P-256)", tls_ec.port, true),
         ];
+        // The same aiopopd with OpenSSL (native-tls, the IMAP side) linked statically: what
+        // loading Debian's libssl and libcrypto costs (README, "Start-up time").
+        let static_plain = self.opts.static_openssl.clone().map(|bin| {
+            let args = self.aiopopd_args(&[]);
+            Activator::start(&bin, &args)
+        });
+        if let Some(a) = &static_plain {
+            targets.insert(
+                2,
+                ("aiopopd plain, OpenSSL linked statically", a.port, false),
+            );
+        }
         let n = self.plan.greetings;
         println!("\n== 3. connect to greeting, fresh process, {n} connections each (interleaved)");
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
