@@ -17,7 +17,7 @@
 //! any other command, ours or the crate's, the queue is drained.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::rc::Rc;
@@ -354,13 +354,8 @@ impl<S: Read + Write> Wire<S> {
             let Some(uid) = number_after(&text, b"UID ") else {
                 continue;
             };
-            let (origin, body) = match body {
-                Some(b) => b,
-                // `BODY[]<o> ""`: there, but empty (past the end).
-                None => match empty_body_origin(&text) {
-                    Some(o) => (o, Vec::new()),
-                    None => continue,
-                },
+            let Some((origin, body)) = body.or_else(|| quoted_body(&text)) else {
+                continue;
             };
             let request = self.requests.iter_mut().find(|r| {
                 u64::from(r.uid) == uid
@@ -431,6 +426,7 @@ impl<S: Read + Write> Shared<S> {
     /// Appends up to `len` octets of message `uid` from `offset` to `out`. `Ok(false)` if the
     /// message is gone: the server answered without it, or with a NIL body (Dovecot does that
     /// for a message another session expunged). Past the end a body is `""` or `{0}`: `Ok(true)`.
+    /// A body may come as a literal or as a quoted string.
     pub fn fetch_body(
         &self,
         uid: u32,
@@ -514,19 +510,52 @@ impl<S: Read + Write> Shared<S> {
     }
 
     /// `FETCH 1:* (UID RFC822.SIZE FLAGS)`, one message at a time as the lines arrive:
-    /// `each(uid, size, flags)` with the flags as the raw list text.
+    /// `each(uid, size, flags)` with the flags as the raw list text. A server may split one
+    /// message's items over several FETCH responses (RFC 3501 lets it send any of them at any
+    /// time): they are put together by message number. A message whose FLAGS never came is
+    /// listed as if it had none: served twice is better than never served.
     pub fn list(&self, each: &mut dyn FnMut(u32, u64, &[u8])) -> Result<(), Failed> {
+        let mut parts: HashMap<u64, Parts> = HashMap::new();
         self.run("FETCH 1:* (UID RFC822.SIZE FLAGS)", &mut |text| {
-            if !is_fetch(text) {
+            let Some(seq) = fetch_number(text) else {
                 return;
-            }
+            };
             let uid = number_after(text, b"UID ").and_then(|n| u32::try_from(n).ok());
             let size = number_after(text, b"RFC822.SIZE ");
-            if let (Some(uid), Some(size)) = (uid, size) {
-                each(uid, size, flags(text));
+            let flags = flags(text);
+            if let (Some(uid), Some(size), Some(flags)) = (uid, size, flags) {
+                // The usual case: all in one response.
+                parts.remove(&seq);
+                return each(uid, size, flags);
             }
-        })
+            let p = parts.entry(seq).or_default();
+            p.uid = p.uid.or(uid);
+            p.size = p.size.or(size);
+            if let Some(f) = flags {
+                p.flags = Some(f.to_vec());
+            }
+            if let (Some(uid), Some(size), Some(flags)) = (p.uid, p.size, &p.flags) {
+                each(uid, size, flags);
+                parts.remove(&seq);
+            }
+        })?;
+        let mut rest: Vec<_> = parts.into_values().collect();
+        rest.sort_by_key(|p| p.uid);
+        for p in rest {
+            if let (Some(uid), Some(size)) = (p.uid, p.size) {
+                each(uid, size, p.flags.as_deref().unwrap_or_default());
+            }
+        }
+        Ok(())
     }
+}
+
+/// What has come of one message's listing so far.
+#[derive(Default)]
+struct Parts {
+    uid: Option<u32>,
+    size: Option<u64>,
+    flags: Option<Vec<u8>>,
 }
 
 /// `... {123}\r\n` (or `{123+}`): the text before the literal and its length.
@@ -568,26 +597,39 @@ fn trim_end(t: &[u8]) -> &[u8] {
     &t[..end]
 }
 
-/// `BODY[]<origin> ""`: a body that is there but empty (past the end); its origin.
-fn empty_body_origin(text: &[u8]) -> Option<u64> {
+/// `BODY[]<origin> "..."`: a body sent as a quoted string (short, without CR or LF; usually
+/// `""`, past the end): its origin and octets.
+fn quoted_body(text: &[u8]) -> Option<Body> {
     let i = text
         .windows(7)
         .position(|w| w.eq_ignore_ascii_case(b"BODY[]<"))?;
     let rest = &text[i + 7..];
     let close = rest.iter().position(|&b| b == b'>')?;
-    rest[close + 1..]
-        .starts_with(b" \"\"")
-        .then(|| digits(&rest[..close]))
-        .flatten()
+    let origin = digits(&rest[..close])?;
+    let mut quoted = rest[close + 1..].strip_prefix(b" \"")?.iter();
+    let mut body = Vec::new();
+    loop {
+        match quoted.next()? {
+            b'"' => return Some((origin, body)),
+            b'\\' => body.push(*quoted.next()?),
+            &c => body.push(c),
+        }
+    }
 }
 
 /// `* n FETCH (`
 fn is_fetch(text: &[u8]) -> bool {
-    let rest = text.get(2..).unwrap_or_default();
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    digits > 0
-        && rest[digits..].len() >= 7
-        && rest[digits..digits + 7].eq_ignore_ascii_case(b" FETCH ")
+    fetch_number(text).is_some()
+}
+
+/// The message number of `* n FETCH (`.
+fn fetch_number(text: &[u8]) -> Option<u64> {
+    let rest = text.strip_prefix(b"* ")?;
+    let n = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let fetch = rest.get(n..n + 7)?;
+    fetch
+        .eq_ignore_ascii_case(b" FETCH ")
+        .then(|| digits(&rest[..n]))?
 }
 
 /// The number after the data item `item` (e.g. `UID `), where `item` starts an item: after
@@ -618,16 +660,13 @@ fn number_after(text: &[u8], item: &[u8]) -> Option<u64> {
 }
 
 /// The text inside `FLAGS (...)`.
-fn flags(text: &[u8]) -> &[u8] {
-    let Some(i) = text
+fn flags(text: &[u8]) -> Option<&[u8]> {
+    let i = text
         .windows(7)
-        .position(|w| w.eq_ignore_ascii_case(b"FLAGS ("))
-    else {
-        return b"";
-    };
+        .position(|w| w.eq_ignore_ascii_case(b"FLAGS ("))?;
     let rest = &text[i + 7..];
     let end = rest.iter().position(|&b| b == b')').unwrap_or(rest.len());
-    &rest[..end]
+    Some(&rest[..end])
 }
 
 /// True if the space-separated flag list holds `flag` (case-insensitive, as IMAP flags are).
@@ -805,6 +844,42 @@ mod tests {
             ]
         );
         assert!(has_flag(b"\\Seen $Popped", "$popped") && !has_flag(b"\\Seen", "$Popped"));
+    }
+
+    #[test]
+    fn a_listing_split_over_several_responses_is_put_together() {
+        let w = wire(
+            b"* 1 FETCH (UID 3)\r\n* 2 FETCH (FLAGS (\\Seen))\r\n\
+              * 1 FETCH (RFC822.SIZE 120 FLAGS (\\Seen))\r\n\
+              * 2 FETCH (UID 4 RFC822.SIZE 7 FLAGS ())\r\n\
+              * 3 FETCH (UID 5 RFC822.SIZE 9)\r\n* 2 FETCH (FLAGS (\\Deleted))\r\np1 OK\r\n",
+            11,
+        );
+        let mut got = Vec::new();
+        w.list(&mut |uid, size, flags| {
+            got.push((uid, size, String::from_utf8_lossy(flags).into_owned()))
+        })
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                (3, 120, "\\Seen".to_string()),
+                (4, 7, String::new()),
+                // FLAGS never came: listed as if it had none.
+                (5, 9, String::new()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_body_may_be_a_quoted_string() {
+        let w = wire(
+            b"* 2 FETCH (UID 7 BODY[]<256> \"a\\\"b\\\\c\")\r\np1 OK\r\n",
+            4,
+        );
+        let mut out = Vec::new();
+        assert!(w.fetch_body(7, 256, 100, &mut out).unwrap());
+        assert_eq!(out, b"a\"b\\c");
     }
 
     #[test]

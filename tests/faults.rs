@@ -917,3 +917,38 @@ fn imap_starttls_not_offered_fails_the_login() {
     assert!(r.stderr.contains("does not offer STARTTLS"), "{}", r.stderr);
     assert_eq!(fake.logins(), 0, "no LOGIN in clear");
 }
+
+/// Answers that are legal but that Dovecot never gives: a listing with each message's items
+/// split over several FETCH responses (the FLAGS of message 2 are someone else's change, sent
+/// before its listing), and a body sent as a quoted string.
+#[test]
+fn a_split_listing_and_a_quoted_body_are_understood() {
+    let (m1, m2) = (b"Subject: q".to_vec(), msg(2));
+    let listing = format!(
+        "* 1 FETCH (UID 1)\r\n* 2 FETCH (FLAGS (\\Seen))\r\n\
+         * 1 FETCH (RFC822.SIZE {} FLAGS ())\r\n* 2 FETCH (UID 2 RFC822.SIZE {} FLAGS ())\r\n\
+         {{tag}} OK Fetch completed.\r\n",
+        m1.len(),
+        m2.len()
+    );
+    let fake = FakeImap::builder()
+        .message(&m1)
+        .message(&m2)
+        .on("FETCH", Act::Reply(listing))
+        .on_nth(
+            "UID FETCH",
+            1,
+            Act::Reply("* 1 FETCH (UID 1 BODY[]<0> \"Subject: q\")\r\n{tag} OK\r\n".into()),
+        )
+        .start();
+    let r = run(
+        &fake,
+        &[],
+        &format!("{LOGIN}STAT\r\nRETR 1\r\nRETR 2\r\nQUIT\r\n"),
+    );
+    let rep = replies(&r);
+    assert_eq!(rep[2], format!("+OK 2 {}", m1.len() + m2.len()), "{rep:?}");
+    assert!(find(&r.stdout, b"+OK 10 octets\r\nSubject: q\r\n.\r\n").is_some());
+    assert_eq!(rep[4], format!("+OK {} octets", m2.len()));
+    assert!(rep[5].starts_with("+OK"), "{rep:?}");
+}
