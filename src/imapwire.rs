@@ -824,18 +824,24 @@ mod tests {
         assert_eq!(out, b"xyz");
     }
 
+    /// What `list` hands on for this server script: (uid, size, flags).
+    fn listed(script: &[u8], piece: usize) -> Vec<(u32, u64, String)> {
+        let mut got = Vec::new();
+        wire(script, piece)
+            .list(&mut |uid, size, flags| {
+                got.push((uid, size, String::from_utf8_lossy(flags).into_owned()))
+            })
+            .unwrap();
+        got
+    }
+
     #[test]
     fn lists_uid_size_and_flags() {
-        let w = wire(
+        let got = listed(
             b"* 1 FETCH (UID 3 RFC822.SIZE 120 FLAGS (\\Seen $Popped))\r\n\
               * 2 FETCH (FLAGS () RFC822.SIZE 7 UID 4)\r\n* 2 EXISTS\r\np1 OK\r\n",
             3,
         );
-        let mut got = Vec::new();
-        w.list(&mut |uid, size, flags| {
-            got.push((uid, size, String::from_utf8_lossy(flags).into_owned()))
-        })
-        .unwrap();
         assert_eq!(
             got,
             [
@@ -848,18 +854,13 @@ mod tests {
 
     #[test]
     fn a_listing_split_over_several_responses_is_put_together() {
-        let w = wire(
+        let got = listed(
             b"* 1 FETCH (UID 3)\r\n* 2 FETCH (FLAGS (\\Seen))\r\n\
               * 1 FETCH (RFC822.SIZE 120 FLAGS (\\Seen))\r\n\
               * 2 FETCH (UID 4 RFC822.SIZE 7 FLAGS ())\r\n\
               * 3 FETCH (UID 5 RFC822.SIZE 9)\r\n* 2 FETCH (FLAGS (\\Deleted))\r\np1 OK\r\n",
             11,
         );
-        let mut got = Vec::new();
-        w.list(&mut |uid, size, flags| {
-            got.push((uid, size, String::from_utf8_lossy(flags).into_owned()))
-        })
-        .unwrap();
         assert_eq!(
             got,
             [
