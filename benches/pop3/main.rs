@@ -446,7 +446,12 @@ fn ratio(a: f64, b: f64) -> String {
 
 impl Bench {
     fn aiopopd_args(&self, extra: &[&str]) -> Vec<String> {
-        let port = self.d.imap_port.to_string();
+        self.aiopopd_args_to(self.d.imap_port, extra)
+    }
+
+    /// The arguments for an aiopopd whose IMAP server is at this port (a proxy's).
+    fn aiopopd_args_to(&self, imap_port: u16, extra: &[&str]) -> Vec<String> {
+        let port = imap_port.to_string();
         let mut a: Vec<String> = [
             "-H",
             "127.0.0.1",
@@ -664,7 +669,86 @@ impl Bench {
             self.plan.headline
         ));
         drop(act);
+        self.remote_imap();
         series
+    }
+
+    /// Workload 1 with the IMAP server far away: a delay line between aiopopd and Dovecot's
+    /// IMAP. A proxy that waited for each FETCH would pay a round trip per message on top.
+    fn remote_imap(&mut self) {
+        let sizes = &self.plan.session_sizes;
+        let n = sizes[1.min(sizes.len() - 1)];
+        let reps = self.opts.reps.min(3);
+        println!(
+            "
+== 1b. the same, {n} messages, IMAP server behind a delay line"
+        );
+        let mut table = Table::new(&[
+            "IMAP round trip",
+            "aiopopd",
+            "Dovecot POP3 (local)",
+            "aiopopd / Dovecot",
+            "a round trip per message",
+        ]);
+        for one_way in [1u64, 5] {
+            let line = Proxy::delayed(self.d.imap_port, Duration::from_millis(one_way));
+            let act = Activator::start(&self.opts.aiopopd, &self.aiopopd_args_to(line.port, &[]));
+            let servers = [
+                Server {
+                    name: "aiopopd",
+                    port: act.port,
+                    suffix: "a",
+                    kind: Kind::Aiopopd(act.pid()),
+                },
+                Server {
+                    name: "Dovecot POP3",
+                    port: self.d.pop3_port,
+                    suffix: "d",
+                    kind: Kind::Dovecot,
+                },
+            ];
+            let master = self.master;
+            let samples = interleave(&servers, 1, reps, &self.failures, |srv| {
+                full_session(srv, &format!("s{n}{}", srv.suffix), n, master)
+            });
+            let wall = |name: &str| {
+                median(
+                    &samples
+                        .get(name)
+                        .map(|v| v.iter().map(|s| s.wall).collect::<Vec<_>>())
+                        .unwrap_or_default(),
+                )
+            };
+            let (a, d) = (wall("aiopopd"), wall("Dovecot POP3"));
+            let rtt = 2.0 * one_way as f64 / 1000.0;
+            println!(
+                "  round trip {}: aiopopd {} | Dovecot (local) {} | ratio {}",
+                fmt_time(rtt),
+                fmt_time(a),
+                fmt_time(d),
+                ratio(a, d)
+            );
+            table.row(vec![
+                fmt_time(rtt),
+                fmt_time(a),
+                fmt_time(d),
+                ratio(a, d),
+                format!("+{}", fmt_time(rtt * n as f64)),
+            ]);
+        }
+        let t = table.markdown();
+        println!(
+            "
+{t}"
+        );
+        self.md.push(format!(
+            "### 1b. The IMAP server far away\n\n\
+             Workload 1 on {n} messages, with a delay line (a relay holding every byte for half \
+             the round trip in each direction) between aiopopd and Dovecot's IMAP; Dovecot's \
+             POP3 stays local, as if it ran next to the mailbox. Median of {reps} rounds after 1 \
+             warm-up. The last column is what a proxy that waited for each FETCH would add to \
+             the session at the least.\n\n{t}"
+        ));
     }
 
     /// Workload 2.
@@ -863,12 +947,8 @@ impl Bench {
         ];
         // IMAP commands per session, through a counting proxy in front of Dovecot's IMAP.
         let counter = Proxy::start(self.d.imap_port, true);
-        let counted = Activator::start(&self.opts.aiopopd, &{
-            let mut a = self.aiopopd_args(&[]);
-            let i = a.iter().position(|x| x == "-p").expect("-p") + 1;
-            a[i] = counter.port.to_string();
-            a
-        });
+        let counted =
+            Activator::start(&self.opts.aiopopd, &self.aiopopd_args_to(counter.port, &[]));
         println!(
             "\n== 4. scale: login, STAT, UIDL, QUIT on {:?} messages",
             self.plan.scale

@@ -84,6 +84,16 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(target: u16, counting: bool) -> Proxy {
+        Proxy::start_with(target, counting, Duration::ZERO)
+    }
+
+    /// A relay that holds every byte for `delay` in each direction, like a link with a round
+    /// trip of twice that (and no bandwidth limit).
+    pub fn delayed(target: u16, delay: Duration) -> Proxy {
+        Proxy::start_with(target, false, delay)
+    }
+
+    fn start_with(target: u16, counting: bool, delay: Duration) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
         let port = listener.local_addr().expect("relay address").port();
         let done = Arc::new(Mutex::new(Vec::new()));
@@ -93,7 +103,7 @@ impl Proxy {
                 let Ok(client) = client else { continue };
                 let finished = finished.clone();
                 thread::spawn(move || {
-                    if let Ok(counts) = relay(client, target, counting) {
+                    if let Ok(counts) = relay(client, target, counting, delay) {
                         finished.lock().expect("counts").push(counts);
                     }
                 });
@@ -108,11 +118,26 @@ impl Proxy {
     }
 }
 
-fn relay(client: TcpStream, target: u16, counting: bool) -> std::io::Result<Counts> {
+fn relay(
+    client: TcpStream,
+    target: u16,
+    counting: bool,
+    delay: Duration,
+) -> std::io::Result<Counts> {
     let server = TcpStream::connect(("127.0.0.1", target))?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
     let (c2, s2) = (client.try_clone()?, server.try_clone()?);
+    if !delay.is_zero() {
+        let down = thread::spawn(move || copy_delayed(s2, c2, delay));
+        let up = copy_delayed(client, server, delay);
+        let down = down.join().unwrap_or(0);
+        return Ok(Counts {
+            client_bytes: up,
+            server_bytes: down,
+            ..Counts::default()
+        });
+    }
     let down = thread::spawn(move || copy(s2, c2, false).0);
     let (client_bytes, up) = copy(client, server, counting);
     let server_bytes = down.join().unwrap_or(0);
@@ -157,6 +182,39 @@ fn copy(mut from: TcpStream, mut to: TcpStream, count: bool) -> (u64, Option<Cou
     }
     let _ = to.shutdown(Shutdown::Write);
     (total, count.then_some(counts))
+}
+
+/// Copies until EOF or an error, each read written `delay` after it arrived, then half-closes
+/// the other side.
+fn copy_delayed(mut from: TcpStream, mut to: TcpStream, delay: Duration) -> u64 {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = thread::spawn(move || {
+        for (due, data) in rx {
+            thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&data).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        total += n as u64;
+        if tx
+            .send((Instant::now() + delay, buf[..n].to_vec()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+    total
 }
 
 /// `a1 UID FETCH 5 ...` → `UID FETCH`; `a1 LOGIN user pass` → `LOGIN`.
