@@ -69,13 +69,15 @@ impl Write for Stream {
 type Session = imap::Session<Shared<Stream>>;
 
 /// Body fetches sent ahead (see `Maildrop::prefetch`) expect at most this many octets in all
-/// (beyond the nearest message's first chunk), so that their answers mostly fit in the socket
-/// buffers: a server whose output stays blocked may drop the connection (Dovecot: after 5
-/// minutes), and a POP3 client may pause that long. 64 KiB did as well as 256 KiB on loopback
-/// (BENCHMARKS.md); a remote server's round trip wants more in flight.
-const PREFETCH_BUDGET: u64 = 128 << 10;
+/// (beyond the nearest message's first chunk). Over a link with a round trip, this is what
+/// bounds the throughput (512 KiB in 10 ms: ~50 MB/s; 128 KiB made a 300-message session 3×
+/// slower at 10 ms, BENCHMARKS.md). Answers are held in memory only when taken out of order;
+/// otherwise they wait in the socket buffers, or in the server if those are full: a server
+/// whose output stays blocked may drop the connection (Dovecot: after 5 minutes), which a
+/// POP3 client pausing that long mid-session then meets as a clean `-ERR [SYS/TEMP]`.
+const PREFETCH_BUDGET: u64 = 512 << 10;
 /// ... and are at most this many commands.
-const PREFETCH_MOST: usize = 16;
+const PREFETCH_MOST: usize = 64;
 
 /// A connection not yet logged in: the crate's client, and our handle on the same stream.
 struct Connection {

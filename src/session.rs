@@ -18,7 +18,7 @@ pub const RETR_CHUNK: u64 = 256 << 10;
 /// TOP usually wants a few KB of header: ask for less first, then continue in RETR_CHUNKs.
 pub const TOP_FIRST_CHUNK: u64 = 64 << 10;
 /// After a RETR, how many of the next messages the backend is told it may fetch ahead.
-const PREFETCH_HINT: usize = 32;
+const PREFETCH_HINT: usize = 64;
 /// Bad commands before login tolerated before we hang up (Dovecot-style budget).
 pub const MAX_BAD_COMMANDS: u32 = 3;
 /// Failed logins on one connection before we hang up.
