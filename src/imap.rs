@@ -69,12 +69,13 @@ impl Write for Stream {
 type Session = imap::Session<Shared<Stream>>;
 
 /// Body fetches sent ahead (see `Maildrop::prefetch`) expect at most this many octets in all
-/// (beyond the nearest message's first chunk). Over a link with a round trip, this is what
+/// (by the listed sizes; the nearest message is sent whatever its size), and answers read
+/// before they are wanted are held up to as many. Over a link with a round trip, this is what
 /// bounds the throughput (512 KiB in 10 ms: ~50 MB/s; 128 KiB made a 300-message session 3×
-/// slower at 10 ms, BENCHMARKS.md). Answers are held in memory only when taken out of order;
-/// otherwise they wait in the socket buffers, or in the server if those are full: a server
-/// whose output stays blocked may drop the connection (Dovecot: after 5 minutes), which a
-/// POP3 client pausing that long mid-session then meets as a clean `-ERR [SYS/TEMP]`.
+/// slower at 10 ms, BENCHMARKS.md). Answers not yet read wait in the socket buffers, or in
+/// the server if those are full: a server whose output stays blocked may drop the connection
+/// (Dovecot: after 5 minutes), which a POP3 client pausing that long mid-session then meets as
+/// a clean `-ERR [SYS/TEMP]`.
 const PREFETCH_BUDGET: u64 = 512 << 10;
 /// ... and are at most this many commands.
 const PREFETCH_MOST: usize = 64;
@@ -622,7 +623,7 @@ fn open(
     // The count is the server's word: don't let it size an allocation.
     let mut messages = Vec::with_capacity((sel.exists as usize).min(1 << 16));
     if sel.exists > 0 {
-        wire.list(&mut |uid, size, flags| {
+        wire.list(sel.exists, &mut |uid, size, flags| {
             let listed = match on_dele {
                 OnDele::Seen => !imapwire::has_flag(flags, "\\Seen"),
                 OnDele::Keyword(k) => !imapwire::has_flag(flags, k),
@@ -765,7 +766,11 @@ impl Maildrop for ImapMaildrop {
     }
 
     fn logout(&mut self) {
-        let _ = self.session.logout();
+        // With fetches sent ahead still unanswered (a client that left mid-session), LOGOUT
+        // would first read up to PREFETCH_BUDGET of bodies nobody wants: just hang up.
+        if self.wire.idle() {
+            let _ = self.session.logout();
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! The IMAP byte stream, shared between the `imap` crate and the two responses aiopopd reads
-//! itself: message bodies (`UID FETCH n BODY.PEEK[]<o.l>`) and the listing at login.
+//! The IMAP byte stream, shared between the `imap` crate and the responses aiopopd reads
+//! itself: message bodies (`UID FETCH n BODY.PEEK[]<o.l>`), the listing at login, CAPABILITY.
 //!
 //! Why: the crate re-parses a response from its start after every line it reads, so a 20 KB
 //! message costs ~335 parses and ~90% of aiopopd's CPU (BENCHMARKS.md, "Profile"), and it keeps
@@ -13,8 +13,10 @@
 //!
 //! Body fetches may be sent ahead ([`Shared::prefetch`]) so the server works while the POP3
 //! client reads: each is a [`Request`] in a queue whose answers are read as they are needed,
-//! every body routed to its request by UID and origin (a server may interleave them). Before
-//! any other command, ours or the crate's, the queue is drained.
+//! every body routed to its request by UID and origin (a server may interleave them), so there
+//! is never more than one request open per UID and origin. Answers read before they are wanted
+//! are held up to a limit, past which they are dropped and asked for again when wanted. Before
+//! any other command, ours or the crate's, the queue is drained and its answers thrown away.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -47,17 +49,25 @@ struct Request {
     body: Option<Vec<u8>>,
     /// The tagged answer once read: `Ok`, or the text of a NO.
     done: Option<Result<(), String>>,
+    /// The body came but was thrown away (over the limit of what is held): ask again.
+    dropped: bool,
 }
 
 impl Request {
-    fn is(&self, uid: u32, offset: u64, len: u64) -> bool {
-        (self.uid, self.offset, self.len) == (uid, offset, len)
+    fn at(&self, uid: u32, offset: u64) -> bool {
+        (self.uid, self.offset) == (uid, offset)
+    }
+
+    fn open(&self) -> bool {
+        self.body.is_none() && !self.dropped && self.done.is_none()
     }
 }
 
 struct Wire<S> {
     io: Reader<S>,
     requests: VecDeque<Request>,
+    /// How many octets of answers read before they were wanted may be held (`prefetch` sets it).
+    hold: u64,
     tags: u32,
     /// Set when a command of ours failed mid-way: what comes next on the stream could be the
     /// rest of an old response (even a message body made to look like IMAP), so nothing more
@@ -84,6 +94,7 @@ impl<S: Read + Write> Shared<S> {
                 end: 0,
             },
             requests: VecDeque::new(),
+            hold: 0,
             tags: 0,
             broken: false,
         })))
@@ -226,9 +237,10 @@ type Body = (u64, Vec<u8>);
 impl<S: Read> Reader<S> {
     /// Reads the rest of the untagged response that starts with `line`: every literal, and the
     /// line that continues after each. Returns the text outside the literals and, if a literal
-    /// followed `BODY[]<origin>` and `room(origin)` has room for it (the most octets a request
-    /// at that origin asked for), that origin and literal. Only FETCH responses carry literals
-    /// here; any other line is text, whatever its end.
+    /// followed `BODY[]<origin>` and `room(origin)` says a request takes it (the most octets a
+    /// request at that origin asked for), that origin and literal; a literal longer than that
+    /// is a server ignoring the partial fetch, and breaks the stream. Others are skipped. Only
+    /// FETCH responses carry literals here; any other line is text, whatever its end.
     fn response(
         &mut self,
         mut line: Vec<u8>,
@@ -290,7 +302,9 @@ impl<S: Read + Write> Wire<S> {
             return Ok(());
         }
         self.requests.retain(|r| r.done.is_none());
-        let drained = self.pump_until(|w| w.requests.iter().all(|r| r.done.is_some()));
+        // Nothing kept: the bodies still to come are skipped, not stored.
+        self.hold = 0;
+        let drained = self.pump_until(None, |w| w.requests.iter().all(|r| r.done.is_some()));
         self.requests.clear();
         self.check(drained)
     }
@@ -313,6 +327,7 @@ impl<S: Read + Write> Wire<S> {
                 cost,
                 body: None,
                 done: None,
+                dropped: false,
             });
         }
         self.io.stream.write_all(out.as_bytes())?;
@@ -320,8 +335,13 @@ impl<S: Read + Write> Wire<S> {
         Ok(())
     }
 
-    /// Reads responses to the queued requests until `enough`.
-    fn pump_until(&mut self, enough: impl Fn(&Self) -> bool) -> Result<(), Failed> {
+    /// Reads responses to the queued requests until `enough`. The body of request `wanted` is
+    /// always kept; others only while what is held stays within `hold`.
+    fn pump_until(
+        &mut self,
+        wanted: Option<usize>,
+        enough: impl Fn(&Self) -> bool,
+    ) -> Result<(), Failed> {
         let mut line = Vec::new();
         while !enough(self) {
             self.io.line(&mut line)?;
@@ -340,11 +360,20 @@ impl<S: Read + Write> Wire<S> {
                 return Err(Failed::Broken(crate::log::truncated(&line)));
             }
             let requests = &self.requests;
+            let held: u64 = requests
+                .iter()
+                .filter_map(|r| r.body.as_ref())
+                .map(|b| b.len() as u64)
+                .sum();
+            let hold = self.hold;
             let room = |origin: u64| {
                 requests
                     .iter()
-                    .filter(|r| r.offset == origin && r.body.is_none() && r.done.is_none())
-                    .map(|r| r.len)
+                    .enumerate()
+                    .filter(|(i, r)| {
+                        r.offset == origin && r.open() && (wanted == Some(*i) || held < hold)
+                    })
+                    .map(|(_, r)| r.len)
                     .max()
             };
             let (text, body) = self.io.response(std::mem::take(&mut line), &room)?;
@@ -357,14 +386,13 @@ impl<S: Read + Write> Wire<S> {
             let Some((origin, body)) = body.or_else(|| quoted_body(&text)) else {
                 continue;
             };
-            let request = self.requests.iter_mut().find(|r| {
-                u64::from(r.uid) == uid
-                    && r.offset == origin
-                    && r.body.is_none()
-                    && r.done.is_none()
-            });
+            let request = self
+                .requests
+                .iter_mut()
+                .enumerate()
+                .find(|(_, r)| u64::from(r.uid) == uid && r.offset == origin && r.open());
             // Not ours (or a second copy): dropped.
-            if let Some(r) = request {
+            if let Some((i, r)) = request {
                 if body.len() as u64 > r.len {
                     return Err(Failed::Broken(format!(
                         "a body of {} octets for {} asked",
@@ -372,22 +400,33 @@ impl<S: Read + Write> Wire<S> {
                         r.len
                     )));
                 }
-                r.body = Some(body);
+                if wanted == Some(i) || held + body.len() as u64 <= hold {
+                    r.body = Some(body);
+                } else {
+                    r.dropped = true;
+                }
             }
         }
         Ok(())
     }
 
-    /// The answer to the fetch (uid, offset, len): one sent ahead, or one sent now.
+    /// The answer to the fetch (uid, offset, len): one sent ahead (its body cut to `len` if it
+    /// asked for more), or one sent now.
     fn take(&mut self, uid: u32, offset: u64, len: u64) -> Result<Request, Failed> {
-        let i = match self.requests.iter().position(|r| r.is(uid, offset, len)) {
-            Some(i) => i,
-            None => {
-                self.send(&[(uid, offset, len, len)])?;
-                self.requests.len() - 1
+        if let Some(i) = self.requests.iter().position(|r| r.at(uid, offset)) {
+            self.pump_until(Some(i), |w| w.requests[i].done.is_some())?;
+            let mut r = self.requests.remove(i).expect("the index was just found");
+            if r.len >= len && !r.dropped {
+                if let Some(body) = &mut r.body {
+                    body.truncate(usize::try_from(len).unwrap_or(usize::MAX));
+                }
+                return Ok(r);
             }
-        };
-        self.pump_until(|w| w.requests[i].done.is_some())?;
+            // Asked for less, or thrown away: ask again, now that no answer can go astray.
+        }
+        self.send(&[(uid, offset, len, len)])?;
+        let i = self.requests.len() - 1;
+        self.pump_until(Some(i), |w| w.requests[i].done.is_some())?;
         Ok(self.requests.remove(i).expect("the index was just found"))
     }
 }
@@ -447,11 +486,18 @@ impl<S: Read + Write> Shared<S> {
         Ok(true)
     }
 
+    /// True if no answer is still owed on the stream.
+    pub fn idle(&self) -> bool {
+        self.0.borrow().requests.iter().all(|r| r.done.is_some())
+    }
+
     /// Sends fetches of the first `len` octets of the messages `next` (uid, expected size) ahead,
     /// nearest first: the nearest whatever its size, then as many as fit in `budget` octets and
     /// `most` commands, counting those already sent; `fetch_body` then finds their answers.
-    /// Answers read ahead for messages no longer in that window are forgotten. A failure is left
-    /// for the fetch that would meet it.
+    /// Answers read before they are wanted (another fetch came first) are held up to `budget`
+    /// octets, whatever the sizes said; past that they are dropped and fetched again when
+    /// wanted. Answers held for messages no longer in the window are forgotten. A failure is
+    /// left for the fetch that would meet it.
     pub fn prefetch(
         &self,
         len: u64,
@@ -473,10 +519,11 @@ impl<S: Read + Write> Shared<S> {
             total += cost;
             window.push((uid, 0, len, cost));
         }
+        w.hold = budget;
         w.requests
-            .retain(|r| r.done.is_none() || window.iter().any(|&(u, o, l, _)| r.is(u, o, l)));
+            .retain(|r| r.done.is_none() || window.iter().any(|&(u, o, _, _)| r.at(u, o)));
         let mut queued: u64 = w.requests.iter().map(|r| r.cost).sum();
-        window.retain(|&(u, o, l, _)| !w.requests.iter().any(|r| r.is(u, o, l)));
+        window.retain(|&(u, o, _, _)| !w.requests.iter().any(|r| r.at(u, o)));
         let mut send = Vec::new();
         for f in window {
             let count = w.requests.len() + send.len();
@@ -512,9 +559,11 @@ impl<S: Read + Write> Shared<S> {
     /// `FETCH 1:* (UID RFC822.SIZE FLAGS)`, one message at a time as the lines arrive:
     /// `each(uid, size, flags)` with the flags as the raw list text. A server may split one
     /// message's items over several FETCH responses (RFC 3501 lets it send any of them at any
-    /// time): they are put together by message number. A message whose FLAGS never came is
-    /// listed as if it had none: served twice is better than never served.
-    pub fn list(&self, each: &mut dyn FnMut(u32, u64, &[u8])) -> Result<(), Failed> {
+    /// time): they are put together by message number, up to `exists` (what EXAMINE said), and
+    /// so kept for at most that many messages, with at most `MAX_SPLIT_FLAGS` octets of flags
+    /// each. A message whose FLAGS never came is listed as if it had none: served twice is
+    /// better than never served.
+    pub fn list(&self, exists: u32, each: &mut dyn FnMut(u32, u64, &[u8])) -> Result<(), Failed> {
         let mut parts: HashMap<u64, Parts> = HashMap::new();
         self.run("FETCH 1:* (UID RFC822.SIZE FLAGS)", &mut |text| {
             let Some(seq) = fetch_number(text) else {
@@ -528,11 +577,14 @@ impl<S: Read + Write> Shared<S> {
                 parts.remove(&seq);
                 return each(uid, size, flags);
             }
+            if seq == 0 || seq > u64::from(exists) {
+                return;
+            }
             let p = parts.entry(seq).or_default();
             p.uid = p.uid.or(uid);
             p.size = p.size.or(size);
             if let Some(f) = flags {
-                p.flags = Some(f.to_vec());
+                p.flags = Some(f[..f.len().min(MAX_SPLIT_FLAGS)].to_vec());
             }
             if let (Some(uid), Some(size), Some(flags)) = (p.uid, p.size, &p.flags) {
                 each(uid, size, flags);
@@ -549,6 +601,10 @@ impl<S: Read + Write> Shared<S> {
         Ok(())
     }
 }
+
+/// Flags kept of a message whose listing is split over several responses (a longer list is
+/// cut: a keyword lost there can only make a message be listed, never hidden).
+const MAX_SPLIT_FLAGS: usize = 1024;
 
 /// What has come of one message's listing so far.
 #[derive(Default)]
@@ -828,7 +884,7 @@ mod tests {
     fn listed(script: &[u8], piece: usize) -> Vec<(u32, u64, String)> {
         let mut got = Vec::new();
         wire(script, piece)
-            .list(&mut |uid, size, flags| {
+            .list(10, &mut |uid, size, flags| {
                 got.push((uid, size, String::from_utf8_lossy(flags).into_owned()))
             })
             .unwrap();
@@ -971,6 +1027,72 @@ mod tests {
         // The answers were forgotten: a fetch now asks again.
         assert!(w.fetch_body(7, 0, 100, &mut Vec::new()).is_err());
         assert!(sent(&w).ends_with("p4 UID FETCH 7 (UID BODY.PEEK[]<0.100>)\r\n"));
+    }
+
+    #[test]
+    fn one_request_open_per_message_and_origin() {
+        // A TOP (less asked) of a message fetched ahead takes that answer, cut; a RETR after it
+        // asks again. No second request for the same place is ever open, so an answer can't
+        // go to the wrong one, however the server interleaves them.
+        let x = "x".repeat(80);
+        let script = [
+            body(7, 0, &x),
+            "p1 OK\r\n".into(),
+            body(7, 0, &x),
+            "p2 OK\r\n".into(),
+        ]
+        .concat();
+        let w = wire(script.as_bytes(), 9);
+        w.prefetch(100, 1000, 16, &mut [(7, 80)].into_iter());
+        assert!(!w.idle());
+        let mut out = Vec::new();
+        assert!(w.fetch_body(7, 0, 50, &mut out).unwrap());
+        assert_eq!(out.len(), 50);
+        assert_eq!(sent(&w).lines().count(), 1, "the TOP sent nothing");
+        assert!(w.idle());
+        out.clear();
+        assert!(w.fetch_body(7, 0, 100, &mut out).unwrap());
+        assert_eq!(out.len(), 80);
+        assert_eq!(sent(&w).lines().count(), 2);
+    }
+
+    #[test]
+    fn answers_read_early_are_held_within_the_budget_whatever_the_sizes_said() {
+        // Listed as 1 octet each, served as 100: only 150 octets of early answers are kept;
+        // one dropped is fetched again when wanted.
+        let b = "b".repeat(100);
+        let script = [
+            body(1, 0, &b),
+            "p1 OK\r\n".into(),
+            body(2, 0, &b),
+            "p2 OK\r\n".into(),
+            body(3, 0, &b),
+            "p3 OK\r\n".into(),
+            body(9, 0, "nine"),
+            "p4 OK\r\n".into(),
+            body(2, 0, &b),
+            "p5 OK\r\n".into(),
+        ]
+        .concat();
+        let w = wire(script.as_bytes(), 64);
+        w.prefetch(100, 150, 16, &mut [(1, 1), (2, 1), (3, 1)].into_iter());
+        let mut out = Vec::new();
+        assert!(w.fetch_body(9, 0, 100, &mut out).unwrap());
+        assert_eq!(out, b"nine");
+        let held: usize =
+            w.0.borrow()
+                .requests
+                .iter()
+                .filter_map(|r| r.body.as_ref())
+                .map(Vec::len)
+                .sum();
+        assert!(held <= 150, "{held}");
+        for uid in [2, 1] {
+            out.clear();
+            assert!(w.fetch_body(uid, 0, 100, &mut out).unwrap(), "uid {uid}");
+            assert_eq!(out, b.as_bytes(), "uid {uid}");
+        }
+        assert!(sent(&w).ends_with("p5 UID FETCH 2 (UID BODY.PEEK[]<0.100>)\r\n"));
     }
 
     #[test]

@@ -67,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             let mut n = 0usize;
-            let _ = wire.list(&mut |_uid, _size, flags| {
+            let _ = wire.list(1000, &mut |_uid, _size, flags| {
                 n += 1;
                 assert!(!flags.contains(&b')'));
             });
