@@ -362,9 +362,21 @@ fn imap_session(extra: &[&str], port: u16, d: &Dovecot) -> Vec<common::pop3::Rep
     .map(String::from)
     .to_vec();
     a.extend(extra.iter().map(|s| s.to_string()));
-    let script = "USER alice\r\nPASS alice-pw\r\nSTAT\r\nQUIT\r\n";
-    let _ = d;
-    replies(&run(&a, script.as_bytes()).stdout, script)
+    let script = "USER alice\r\nPASS alice-pw\r\nSTAT\r\nRETR 1\r\nRETR 2\r\nQUIT\r\n";
+    let r = replies(&run(&a, script.as_bytes()).stdout, script);
+    if r.get(3).is_some_and(|r| r.ok()) {
+        // Both messages, the second fetched ahead while the first was sent: byte-exact.
+        let bodies = d.imap_bodies("alice", "alice-pw", "INBOX");
+        for (i, (_, body)) in bodies.iter().enumerate() {
+            assert_eq!(
+                r[4 + i].body.as_deref(),
+                Some(&expected_retr(body)[..]),
+                "RETR {}",
+                i + 1
+            );
+        }
+    }
+    r
 }
 
 #[test]
