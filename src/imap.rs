@@ -766,11 +766,7 @@ impl Maildrop for ImapMaildrop {
     }
 
     fn logout(&mut self) {
-        // With fetches sent ahead still unanswered (a client that left mid-session), LOGOUT
-        // would first read up to PREFETCH_BUDGET of bodies nobody wants: just hang up.
-        if self.wire.idle() {
-            let _ = self.session.logout();
-        }
+        let _ = self.session.logout();
     }
 }
 

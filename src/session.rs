@@ -817,8 +817,7 @@ impl<B: Backend> Session<B> {
         } else {
             t.drop.commit(&uids)
         };
-        t.drop.logout();
-        match result {
+        let next = match result {
             Ok(remark) => {
                 self.summary.deleted = uids.len();
                 let mut text = format!("{} POP3 proxy signing off", self.settings.hostname);
@@ -828,8 +827,7 @@ impl<B: Backend> Session<B> {
                     text.push(')');
                 }
                 text.push('.');
-                reply(peer, true, &text)?;
-                Ok(Next::End("quit"))
+                reply(peer, true, &text).map(|()| Next::End("quit"))
             }
             Err(e) => {
                 log::error(&format!("update failed: {e}"));
@@ -837,10 +835,16 @@ impl<B: Backend> Session<B> {
                     peer,
                     false,
                     "[SYS/TEMP] Some deleted messages were not removed.",
-                )?;
-                Ok(Next::End("update-failed"))
+                )
+                .map(|()| Next::End("update-failed"))
             }
-        }
+        };
+        // The client has its answer; the IMAP goodbye (which may first read answers to fetches
+        // sent ahead) needn't keep it waiting.
+        let flushed = peer.flush();
+        t.drop.logout();
+        flushed?;
+        next
     }
 }
 
