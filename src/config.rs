@@ -357,12 +357,12 @@ fn parse_on_dele(s: &str) -> Result<OnDele, String> {
     })
 }
 
-/// Mailbox names go into IMAP quoted strings: printable ASCII only (non-ASCII names would need
-/// modified UTF-7, which we don't do yet).
-fn check_mailbox_name(name: &str, what: &str) -> Result<(), String> {
-    if name.is_empty() || !name.bytes().all(|b| (b' '..0x7f).contains(&b)) {
+/// Mailbox names go into IMAP quoted strings (in modified UTF-7): any text without control
+/// characters.
+pub fn check_mailbox_name(name: &str, what: &str) -> Result<(), String> {
+    if name.is_empty() || name.chars().any(char::is_control) {
         return Err(format!(
-            "{what} {name:?}: use a non-empty printable ASCII mailbox name"
+            "{what} {name:?}: use a non-empty mailbox name without control characters"
         ));
     }
     Ok(())

@@ -155,8 +155,10 @@ impl ImapBackend {
                 .ok_or_else(|| bad(&format!("\"{key}\" must be a string"))),
         };
         let mailbox = opt_str("mailbox")?.unwrap_or_else(|| self.settings.mailbox.clone());
-        if mailbox.is_empty() || !mailbox.bytes().all(|b| (b' '..0x7f).contains(&b)) {
-            return Err(bad("\"mailbox\" must be printable ASCII"));
+        if crate::config::check_mailbox_name(&mailbox, "\"mailbox\"").is_err() {
+            return Err(bad(
+                "\"mailbox\" must be a non-empty name without control characters",
+            ));
         }
         let server = ImapServer {
             host: hostname.to_string(),
@@ -546,9 +548,44 @@ fn imap_error(e: imap::Error) -> Error {
     }
 }
 
-/// A mailbox name as an IMAP quoted string (names are printable ASCII; checked at startup).
+/// A mailbox name as an IMAP quoted string, in modified UTF-7 (names hold no control
+/// characters; checked at startup).
 fn quoted(s: &str) -> String {
+    let s = mutf7(s);
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// A mailbox name in IMAP's modified UTF-7 (RFC 3501 5.1.3): printable ASCII as it is, `&` as
+/// `&-`, every other run of characters as `&`, the modified BASE64 of its UTF-16, and `-`.
+fn mutf7(name: &str) -> String {
+    use base64::engine::general_purpose::{GeneralPurpose, NO_PAD};
+    use base64::Engine as _;
+    const MUTF7: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::IMAP_MUTF7, NO_PAD);
+    fn flush(out: &mut String, run: &mut Vec<u8>) {
+        if !run.is_empty() {
+            out.push('&');
+            out.push_str(&MUTF7.encode(&run));
+            out.push('-');
+            run.clear();
+        }
+    }
+    let mut out = String::new();
+    let mut run = Vec::new();
+    for c in name.chars() {
+        if (' '..='~').contains(&c) {
+            flush(&mut out, &mut run);
+            match c {
+                '&' => out.push_str("&-"),
+                c => out.push(c),
+            }
+        } else {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                run.extend_from_slice(&unit.to_be_bytes());
+            }
+        }
+    }
+    flush(&mut out, &mut run);
+    out
 }
 
 /// What SELECT/EXAMINE told us.
@@ -800,6 +837,19 @@ fn uid_set(uids: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mailbox_names_go_in_modified_utf7() {
+        // RFC 3501's example, and names Outlook and Thunderbird use.
+        assert_eq!(
+            mutf7("~peter/mail/台北/日本語"),
+            "~peter/mail/&U,BTFw-/&ZeVnLIqe-"
+        );
+        assert_eq!(mutf7("Entwürfe & Co"), "Entw&APw-rfe &- Co");
+        assert_eq!(mutf7("Gelöschte Elemente"), "Gel&APY-schte Elemente");
+        assert_eq!(mutf7("😀"), "&2D3eAA-");
+        assert_eq!(quoted("a\"b\\"), "\"a\\\"b\\\\\"");
+    }
 
     #[test]
     fn uid_sets_are_compact() {

@@ -268,6 +268,31 @@ fn on_dele_move_moves_to_the_folder() {
     assert_eq!(archived[0].1, b"Subject: m2\r\n\r\nbody 2\r\n");
 }
 
+/// Names beyond ASCII (and with `&`) go to the server in modified UTF-7.
+#[test]
+fn mailboxes_with_non_ascii_names_are_served_and_moved_to() {
+    let d = Dovecot::start();
+    d.create_mailbox("alice", "Entwürfe & Co");
+    d.create_mailbox("alice", "Gelöscht");
+    for i in 1..=2 {
+        d.deliver(
+            "alice",
+            "Entwürfe & Co",
+            format!("Subject: m{i}\r\n\r\nbody {i}\r\n").as_bytes(),
+        );
+    }
+    let r = run(
+        &d,
+        &["--mailbox", "Entwürfe & Co", "--on-dele", "move:Gelöscht"],
+        &format!("{LOGIN}STAT\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n"),
+    );
+    assert!(r.iter().all(Reply::ok), "{r:?}");
+    assert!(r[3].status.starts_with("+OK 2 "), "{r:?}");
+    assert_eq!(r[4].body_str(), "Subject: m1\r\n\r\nbody 1\r\n");
+    assert_eq!(d.flags("alice", "Entwürfe & Co").len(), 1);
+    assert_eq!(d.flags("alice", "Gelöscht").len(), 1);
+}
+
 #[test]
 fn on_dele_keep_changes_nothing_and_lists_everything() {
     let d = Dovecot::start();
