@@ -784,17 +784,21 @@ impl<B: Backend> Session<B> {
         }
         stuffer.finish(&mut out);
         peer.write_all(&out)?;
-        if top.is_none() {
-            self.summary.retrieved += 1;
-            // A client that reads a message will likely want the next ones: have the server
-            // start on them while this one is on its way.
-            let next: Vec<Message> = (no as usize..t.deleted.len())
-                .filter(|&i| !t.deleted[i])
-                .filter_map(|i| t.drop.messages().get(i).copied())
-                .take(PREFETCH_HINT)
-                .collect();
-            t.drop.prefetch(RETR_CHUNK, &mut next.into_iter());
-        }
+        let first = match top {
+            None => {
+                self.summary.retrieved += 1;
+                RETR_CHUNK
+            }
+            Some(_) => TOP_FIRST_CHUNK,
+        };
+        // A client that reads a message (or its top) will likely want the next ones the same
+        // way: have the server start on them while this one is on its way.
+        let next: Vec<Message> = (no as usize..t.deleted.len())
+            .filter(|&i| !t.deleted[i])
+            .filter_map(|i| t.drop.messages().get(i).copied())
+            .take(PREFETCH_HINT)
+            .collect();
+        t.drop.prefetch(first, &mut next.into_iter());
         Ok(Next::Continue(State::Transaction(t)))
     }
 
@@ -906,8 +910,11 @@ mod tests {
         gone: Vec<u32>,
         commits: std::rc::Rc<std::cell::RefCell<Vec<Vec<u32>>>>,
         commit_fails: bool,
-        hints: std::rc::Rc<std::cell::RefCell<Vec<Vec<u32>>>>,
+        /// What `prefetch` was told: (length, UIDs).
+        hints: std::rc::Rc<std::cell::RefCell<Vec<Hint>>>,
     }
+
+    type Hint = (u64, Vec<u32>);
 
     impl Backend for Fake {
         type Maildrop = Fake;
@@ -951,8 +958,9 @@ mod tests {
             Ok(())
         }
         fn prefetch(&mut self, len: u64, next: &mut dyn Iterator<Item = Message>) {
-            assert_eq!(len, RETR_CHUNK);
-            self.hints.borrow_mut().push(next.map(|m| m.uid).collect());
+            self.hints
+                .borrow_mut()
+                .push((len, next.map(|m| m.uid).collect()));
         }
         fn commit(&mut self, deleted: &[u32]) -> Result<Option<&'static str>, Error> {
             if self.commit_fails {
@@ -1278,14 +1286,23 @@ mod tests {
     }
 
     #[test]
-    fn after_a_retr_the_next_live_messages_are_hinted_for_prefetch() {
+    fn after_a_retr_or_top_the_next_live_messages_are_hinted_for_prefetch() {
         let f = fake();
         let hints = f.hints.clone();
         let script = format!("{LOGIN}RETR 1\r\nDELE 2\r\nRETR 3\r\nRETR 1\r\nTOP 1 0\r\nQUIT\r\n");
         let (out, _) = run_with(f, settings(), &script);
         assert!(out.ends_with("signing off.\r\n"));
-        // Messages 1, 2, 3 are UIDs 3, 7, 9. After RETR 3 nothing is left; TOP hints nothing.
-        assert_eq!(*hints.borrow(), [vec![7, 9], vec![], vec![9]]);
+        // Messages 1, 2, 3 are UIDs 3, 7, 9. After RETR 3 nothing is left; after TOP, the next
+        // messages' tops.
+        assert_eq!(
+            *hints.borrow(),
+            [
+                (RETR_CHUNK, vec![7, 9]),
+                (RETR_CHUNK, vec![]),
+                (RETR_CHUNK, vec![9]),
+                (TOP_FIRST_CHUNK, vec![9]),
+            ]
+        );
     }
 
     #[test]

@@ -157,6 +157,40 @@ fn messages_fetched_ahead_are_served_in_any_order_and_change_nothing() {
     assert!(flags.iter().all(|(_, f)| f.is_empty()), "{flags:?}");
 }
 
+/// A client that scans the headers first (TOP n 0 for all, with the next tops fetched ahead),
+/// then retrieves everything: each answer whole and exact.
+#[test]
+fn a_header_scan_then_retrieval_is_exact() {
+    let d = dovecot_with(&corpus());
+    let bodies = d.imap_bodies("alice", "alice-pw", "INBOX");
+    let n = bodies.len();
+    let mut script = LOGIN.to_string();
+    for i in 1..=n {
+        script.push_str(&format!("TOP {i} 0\r\n"));
+    }
+    for i in 1..=n {
+        script.push_str(&format!("RETR {i}\r\n"));
+    }
+    script.push_str("QUIT\r\n");
+    let r = run(&d, &[], &script);
+    assert_eq!(r.len(), 3 + 2 * n + 1, "{r:?}");
+    for (i, (_, body)) in bodies.iter().enumerate() {
+        assert_eq!(
+            r[3 + i].body.as_deref(),
+            Some(&expected_top(body, 0)[..]),
+            "TOP {}",
+            i + 1
+        );
+        assert_eq!(
+            r[3 + n + i].body.as_deref(),
+            Some(&expected_retr(body)[..]),
+            "RETR {}",
+            i + 1
+        );
+    }
+    assert!(r.last().unwrap().ok());
+}
+
 fn three(d: &Dovecot) {
     for i in 1..=3 {
         d.deliver(
