@@ -302,7 +302,7 @@ impl<S: Read + Write> Wire<S> {
             return Ok(());
         }
         self.requests.retain(|r| r.done.is_none());
-        // Nothing kept: the bodies still to come are skipped, not stored.
+        // Nothing kept: the bodies still to come are read and thrown away.
         self.hold = 0;
         let drained = self.pump_until(None, |w| w.requests.iter().all(|r| r.done.is_some()));
         self.requests.clear();
