@@ -309,6 +309,28 @@ struct Server {
     kind: Kind,
 }
 
+impl Server {
+    /// aiopopd under this systemd-socket-activate, for users ending in `suffix`.
+    fn aiopopd(act: &Activator, suffix: &'static str) -> Server {
+        Server {
+            name: "aiopopd",
+            port: act.port,
+            suffix,
+            kind: Kind::Aiopopd(act.pid()),
+        }
+    }
+
+    /// Dovecot's own POP3, for users ending in `suffix`.
+    fn dovecot(port: u16, suffix: &'static str) -> Server {
+        Server {
+            name: "Dovecot POP3",
+            port,
+            suffix,
+            kind: Kind::Dovecot,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     /// The pid of systemd-socket-activate.
@@ -436,6 +458,16 @@ fn interleave<T>(
     out
 }
 
+/// The median of `f` over one server's samples (NaN if it has none).
+fn median_of<T>(samples: &BTreeMap<&str, Vec<T>>, name: &str, f: fn(&T) -> f64) -> f64 {
+    median(
+        &samples
+            .get(name)
+            .map(|v| v.iter().map(f).collect::<Vec<_>>())
+            .unwrap_or_default(),
+    )
+}
+
 fn ratio(a: f64, b: f64) -> String {
     if a.is_nan() || b.is_nan() || b == 0.0 {
         "—".into()
@@ -533,18 +565,8 @@ impl Bench {
         let act = self.activator(&[]);
         let relay = Proxy::start(self.d.pop3_port, false);
         let servers = [
-            Server {
-                name: "aiopopd",
-                port: act.port,
-                suffix: "a",
-                kind: Kind::Aiopopd(act.pid()),
-            },
-            Server {
-                name: "Dovecot POP3",
-                port: self.d.pop3_port,
-                suffix: "d",
-                kind: Kind::Dovecot,
-            },
+            Server::aiopopd(&act, "a"),
+            Server::dovecot(self.d.pop3_port, "d"),
             Server {
                 name: "byte relay",
                 port: relay.port,
@@ -595,22 +617,8 @@ impl Bench {
                 &self.failures,
                 |srv| full_session(srv, &format!("s{n}{}", srv.suffix), n, master),
             );
-            let wall = |name: &str| {
-                median(
-                    &samples
-                        .get(name)
-                        .map(|v| v.iter().map(|s| s.wall).collect::<Vec<_>>())
-                        .unwrap_or_default(),
-                )
-            };
-            let cpu_of = |name: &str, f: fn(&Sample) -> f64| {
-                median(
-                    &samples
-                        .get(name)
-                        .map(|v| v.iter().map(f).collect::<Vec<_>>())
-                        .unwrap_or_default(),
-                )
-            };
+            let wall = |name: &str| median_of(&samples, name, |s| s.wall);
+            let cpu_of = |name: &str, f: fn(&Sample) -> f64| median_of(&samples, name, f);
             let (a, d, r) = (wall("aiopopd"), wall("Dovecot POP3"), wall("byte relay"));
             for (s, v) in series.iter_mut().zip([a, d, r]) {
                 if !v.is_nan() {
@@ -694,31 +702,14 @@ impl Bench {
             let line = Proxy::delayed(self.d.imap_port, Duration::from_millis(one_way));
             let act = Activator::start(&self.opts.aiopopd, &self.aiopopd_args_to(line.port, &[]));
             let servers = [
-                Server {
-                    name: "aiopopd",
-                    port: act.port,
-                    suffix: "a",
-                    kind: Kind::Aiopopd(act.pid()),
-                },
-                Server {
-                    name: "Dovecot POP3",
-                    port: self.d.pop3_port,
-                    suffix: "d",
-                    kind: Kind::Dovecot,
-                },
+                Server::aiopopd(&act, "a"),
+                Server::dovecot(self.d.pop3_port, "d"),
             ];
             let master = self.master;
             let samples = interleave(&servers, 1, reps, &self.failures, |srv| {
                 full_session(srv, &format!("s{n}{}", srv.suffix), n, master)
             });
-            let wall = |name: &str| {
-                median(
-                    &samples
-                        .get(name)
-                        .map(|v| v.iter().map(|s| s.wall).collect::<Vec<_>>())
-                        .unwrap_or_default(),
-                )
-            };
+            let wall = |name: &str| median_of(&samples, name, |s| s.wall);
             let (a, d) = (wall("aiopopd"), wall("Dovecot POP3"));
             let rtt = 2.0 * one_way as f64 / 1000.0;
             println!(
@@ -756,18 +747,8 @@ impl Bench {
         let act = self.activator(&[]);
         let relay = Proxy::start(self.d.pop3_port, false);
         let servers = [
-            Server {
-                name: "aiopopd",
-                port: act.port,
-                suffix: "a",
-                kind: Kind::Aiopopd(act.pid()),
-            },
-            Server {
-                name: "Dovecot POP3",
-                port: self.d.pop3_port,
-                suffix: "d",
-                kind: Kind::Dovecot,
-            },
+            Server::aiopopd(&act, "a"),
+            Server::dovecot(self.d.pop3_port, "d"),
             Server {
                 name: "byte relay",
                 port: relay.port,
@@ -932,18 +913,8 @@ impl Bench {
     fn scale(&mut self) {
         let act = self.activator(&[]);
         let servers = [
-            Server {
-                name: "aiopopd",
-                port: act.port,
-                suffix: "",
-                kind: Kind::Aiopopd(act.pid()),
-            },
-            Server {
-                name: "Dovecot POP3",
-                port: self.d.pop3_port,
-                suffix: "",
-                kind: Kind::Dovecot,
-            },
+            Server::aiopopd(&act, ""),
+            Server::dovecot(self.d.pop3_port, ""),
         ];
         // IMAP commands per session, through a counting proxy in front of Dovecot's IMAP.
         let counter = Proxy::start(self.d.imap_port, true);
@@ -1079,18 +1050,8 @@ impl Bench {
         let n = self.plan.sessions;
         let msgs = self.plan.session_msgs;
         let servers = [
-            Server {
-                name: "aiopopd",
-                port: act.port,
-                suffix: "",
-                kind: Kind::Aiopopd(act.pid()),
-            },
-            Server {
-                name: "Dovecot POP3",
-                port: self.d.pop3_port,
-                suffix: "",
-                kind: Kind::Dovecot,
-            },
+            Server::aiopopd(&act, ""),
+            Server::dovecot(self.d.pop3_port, ""),
         ];
         println!("\n== 5. concurrency: {n} sessions at once ({msgs} × 20 KB each)");
         let mut table = Table::new(&[
