@@ -320,6 +320,16 @@ impl Server {
         }
     }
 
+    /// The byte relay to Dovecot's POP3 (its users, the `d` copy).
+    fn relay(relay: &Proxy) -> Server {
+        Server {
+            name: "byte relay",
+            port: relay.port,
+            suffix: "d",
+            kind: Kind::Relay,
+        }
+    }
+
     /// Dovecot's own POP3, for users ending in `suffix`.
     fn dovecot(port: u16, suffix: &'static str) -> Server {
         Server {
@@ -567,12 +577,7 @@ impl Bench {
         let servers = [
             Server::aiopopd(&act, "a"),
             Server::dovecot(self.d.pop3_port, "d"),
-            Server {
-                name: "byte relay",
-                port: relay.port,
-                suffix: "d",
-                kind: Kind::Relay,
-            },
+            Server::relay(&relay),
         ];
         println!(
             "== 1. full session (login, STAT, UIDL, RETR all, QUIT), {} KB messages, {} warm-up + {} rounds",
@@ -749,12 +754,7 @@ impl Bench {
         let servers = [
             Server::aiopopd(&act, "a"),
             Server::dovecot(self.d.pop3_port, "d"),
-            Server {
-                name: "byte relay",
-                port: relay.port,
-                suffix: "d",
-                kind: Kind::Relay,
-            },
+            Server::relay(&relay),
         ];
         let big_label = format!("{} MB", self.plan.big >> 20);
         println!("\n== 2. RETR of one {big_label} message vs one 1 KB message");
