@@ -1,6 +1,8 @@
 //! The command line as typed, turned into a validated [`Config`] in one step. Option names
 //! follow the earlier Python aiopopd. Nothing here opens a connection.
 
+use crate::account::{check_mailbox_name, check_plaintext, Accounts, Security, Server, Source};
+use crate::imap::{self, OnDele};
 use crate::log;
 use crate::tls;
 use crate::uidl::UidlFormat;
@@ -23,7 +25,7 @@ IMAP server:
       --mailbox NAME         mailbox served as the maildrop (default INBOX)
       --user-dir DIR         one JSON file per POP3 user name (alias --path):
                              {\"hostname\", \"port\", \"ssl\", \"username\"?, \"mailbox\"?}
-      --imap-timeout SECS    connect and read timeout towards IMAP (default 60)
+      --imap-timeout SECS    bound on connecting and on each IMAP command (default 60)
 POP3 side:
       --ssl-cert FILE        TLS certificate chain (PEM); with --ssl-key turns TLS on:
       --ssl-key FILE         implicit TLS from the first byte (port 995 style)
@@ -46,39 +48,6 @@ Logging:
   -V, --version              the version
 ";
 
-/// What DELE means, and so which messages are listed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OnDele {
-    /// List unseen messages; DELE adds \Seen.
-    Seen,
-    /// List messages without the keyword; DELE adds it.
-    Keyword(String),
-    /// List all; DELE = \Deleted + UID EXPUNGE of exactly those UIDs.
-    Expunge,
-    /// List all; DELE moves to the folder.
-    Move(String),
-    /// List all; DELE does nothing.
-    Keep,
-}
-
-/// How the IMAP connection is protected. Certificates are always verified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImapSecurity {
-    /// Implicit TLS (port 993).
-    Tls,
-    /// STARTTLS on the plain port; no fallback to clear.
-    StartTls,
-    /// Clear text: loopback only unless `--imap-plaintext`.
-    Plain,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImapServer {
-    pub host: String,
-    pub port: u16,
-    pub security: ImapSecurity,
-}
-
 /// TLS towards the POP3 client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTls {
@@ -87,30 +56,17 @@ pub struct ClientTls {
     pub stls: bool,
 }
 
-/// Where logins go: one fixed server (`-H`), or one per user from `--user-dir`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    Fixed(ImapServer),
-    UserDir(PathBuf),
-}
-
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub source: Source,
-    pub imap_ca: Option<PathBuf>,
-    /// Clear-text IMAP to non-loopback hosts was allowed explicitly.
-    pub imap_plaintext: bool,
+    /// Everything the IMAP side needs.
+    pub imap: imap::Settings,
     pub tls: Option<ClientTls>,
-    pub mailbox: String,
     pub allow_plaintext_auth: bool,
     pub sasl: Option<Vec<String>>,
     pub hostname: String,
-    pub on_dele: OnDele,
     pub uidl_format: UidlFormat,
-    pub max_messages: Option<usize>,
     pub timeout: Duration,
     pub auth_failure_delay: Duration,
-    pub imap_timeout: Duration,
     pub log_target: log::Target,
     pub verbose: bool,
 }
@@ -168,9 +124,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
     let sasl = match a.opt_value_from_str::<_, String>("--sasl").map_err(arg)? {
         None => None,
         Some(list) => {
-            let known = ["PLAIN", "LOGIN"]
-                .iter()
-                .chain(crate::session::RELAYED_MECHANISMS.iter());
+            let known = crate::sasl::LOCAL.iter().chain(crate::sasl::RELAYED.iter());
             let known: Vec<&str> = known.copied().collect();
             let mut mechs = Vec::new();
             for m in list.split(',').map(|m| m.trim().to_ascii_uppercase()) {
@@ -236,13 +190,13 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
     check_mailbox_name(&mailbox, "--mailbox")?;
     let security = match (imap_tls, imap_starttls) {
         (true, true) => return Err("give either -s/--imap-ssl or --imap-starttls, not both".into()),
-        (true, false) => ImapSecurity::Tls,
-        (false, true) => ImapSecurity::StartTls,
-        (false, false) => ImapSecurity::Plain,
+        (true, false) => Security::Tls,
+        (false, true) => Security::StartTls,
+        (false, false) => Security::Plain,
     };
     let source = match (host, user_dir) {
         (Some(host), None) => {
-            let server = ImapServer {
+            let server = Server {
                 port: port.unwrap_or(if imap_tls { 993 } else { 143 }),
                 host,
                 security,
@@ -275,47 +229,27 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         _ => return Err("give both --ssl-cert and --ssl-key".into()),
     };
     Ok(Action::Serve(Box::new(Config {
-        source,
-        imap_ca,
-        imap_plaintext,
+        imap: imap::Settings {
+            accounts: Accounts {
+                source,
+                mailbox,
+                plaintext_allowed: imap_plaintext,
+            },
+            ca: imap_ca,
+            on_dele,
+            max_messages,
+            timeout: imap_timeout,
+        },
         tls,
-        mailbox,
         allow_plaintext_auth,
         sasl,
         hostname,
-        on_dele,
         uidl_format,
-        max_messages,
         timeout,
         auth_failure_delay,
-        imap_timeout,
         log_target,
         verbose,
     })))
-}
-
-/// The user's password would cross the network in clear: only to loopback, unless the operator
-/// says so explicitly. (A name counts as loopback only if every address it resolves to is.)
-pub fn check_plaintext(server: &ImapServer, allowed: bool) -> Result<(), String> {
-    if server.security != ImapSecurity::Plain || allowed || is_loopback(&server.host, server.port) {
-        return Ok(());
-    }
-    Err(format!(
-        "clear-text IMAP to {} would send passwords over the network in clear: use -s \
-         (implicit TLS) or --imap-starttls, or --imap-plaintext if you really mean it",
-        server.host
-    ))
-}
-
-fn is_loopback(host: &str, port: u16) -> bool {
-    use std::net::ToSocketAddrs;
-    match (host, port).to_socket_addrs() {
-        Ok(addrs) => {
-            let addrs: Vec<_> = addrs.collect();
-            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
-        }
-        Err(_) => false,
-    }
 }
 
 fn arg(e: pico_args::Error) -> String {
@@ -357,17 +291,6 @@ fn parse_on_dele(s: &str) -> Result<OnDele, String> {
     })
 }
 
-/// Mailbox names go into IMAP quoted strings (in modified UTF-7): any text without control
-/// characters.
-pub fn check_mailbox_name(name: &str, what: &str) -> Result<(), String> {
-    if name.is_empty() || name.chars().any(char::is_control) {
-        return Err(format!(
-            "{what} {name:?}: use a non-empty mailbox name without control characters"
-        ));
-    }
-    Ok(())
-}
-
 fn default_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -391,14 +314,18 @@ mod tests {
     fn defaults() {
         let c = p(&["-H", "localhost"]).unwrap();
         assert!(matches!(
-            c.source,
-            Source::Fixed(ImapServer { port: 143, .. })
+            c.imap.accounts.source,
+            Source::Fixed(Server { port: 143, .. })
         ));
-        assert_eq!(c.mailbox, "INBOX");
-        assert_eq!(c.on_dele, OnDele::Seen);
+        assert_eq!(c.imap.accounts.mailbox, "INBOX");
+        assert_eq!(c.imap.on_dele, OnDele::Seen);
         assert_eq!(c.timeout, Duration::from_secs(600));
-        let tls = p(&["-H", "imap.example.com", "-s"]).unwrap().source;
-        assert!(matches!(tls, Source::Fixed(ImapServer { port: 993, .. })));
+        let tls = p(&["-H", "imap.example.com", "-s"])
+            .unwrap()
+            .imap
+            .accounts
+            .source;
+        assert!(matches!(tls, Source::Fixed(Server { port: 993, .. })));
     }
 
     #[test]
@@ -425,7 +352,7 @@ mod tests {
 
     #[test]
     fn on_dele_actions() {
-        let on = |s: &str| p(&["-H", "127.0.0.1", "--on-dele", s]).map(|c| c.on_dele);
+        let on = |s: &str| p(&["-H", "127.0.0.1", "--on-dele", s]).map(|c| c.imap.on_dele);
         assert_eq!(on("expunge"), Ok(OnDele::Expunge));
         assert_eq!(on("keyword:$Popped"), Ok(OnDele::Keyword("$Popped".into())));
         assert_eq!(
@@ -454,7 +381,7 @@ mod tests {
         assert!(p(&["-H", "h", "--timeout", "0"]).is_err());
         assert!(p(&["-H", "h", "--user-dir", "/x"]).is_err());
         assert_eq!(
-            p(&["--path", "/x"]).unwrap().source,
+            p(&["--path", "/x"]).unwrap().imap.accounts.source,
             Source::UserDir("/x".into())
         );
     }

@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use zeroize::Zeroize;
 
 /// The raw client connection: a read side and a write side (the same socket, or stdin and
 /// stdout), non-blocking underneath so every read and write has a deadline; to its users it
@@ -295,17 +296,18 @@ impl<S: Transport> Conn<S> {
             let pending = &self.buf[self.start..self.end];
             if let Some(i) = pending.iter().position(|&b| b == b'\n') {
                 let mut line = &pending[..i];
-                self.start += i + 1;
-                if std::mem::take(&mut self.discarding) {
-                    return Ok(Line::TooLong);
-                }
                 if line.last() == Some(&b'\r') {
                     line = &line[..line.len() - 1];
                 }
-                if line.len() + 2 > max {
-                    return Ok(Line::TooLong);
-                }
-                return Ok(Line::Command(line.to_vec()));
+                let result = if std::mem::take(&mut self.discarding) || line.len() + 2 > max {
+                    Line::TooLong
+                } else {
+                    Line::Command(line.to_vec())
+                };
+                // The line may be a PASS or a SASL answer: no copy of it stays here.
+                self.buf[self.start..self.start + i + 1].zeroize();
+                self.start += i + 1;
+                return Ok(result);
             }
             if self.discarding || pending.len() > max {
                 // No line end within the limit: forget what we have and skip to the line end.
@@ -315,9 +317,11 @@ impl<S: Transport> Conn<S> {
             }
             self.flush()?;
             if self.start > 0 {
+                let old_end = self.end;
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
+                self.buf[self.end..old_end].zeroize();
             }
             let n = self.stream.read(&mut self.buf[self.end..])?;
             if n == 0 {

@@ -1,6 +1,7 @@
-//! The few operations on raw file descriptors that std doesn't offer: taking over the socket
-//! systemd passed as fd 3, poll(2) with a timeout, and the O_NONBLOCK flag. This is the only
-//! module allowed `unsafe`; each block is a single libc call on an fd we own or borrow.
+//! The few operations on raw file descriptors and on the process that std doesn't offer: taking
+//! over the socket systemd passed as fd 3, poll(2) with a timeout, the O_NONBLOCK flag, pointing
+//! fd 2 away from the client, and no core dumps. This is the only module allowed `unsafe`; each
+//! block is a single libc call on an fd we own or borrow, or on the process itself.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -94,4 +95,47 @@ pub fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
 /// Whether stderr is safe to log to: open, and not the same file as the client connection.
 pub fn stderr_is_safe(client: BorrowedFd<'_>) -> bool {
     !same_file(std::io::stderr().as_fd(), client)
+}
+
+/// Under inetd (and systemd's defaults for `StandardInput=socket`) fd 2 is the client socket:
+/// anything the runtime writes there (a stack overflow, an allocation failure) would reach the
+/// POP3 client. Called first thing: if fd 2 is the same socket as fd 0, 1 or the fd 3 systemd
+/// passed, or is closed, it is pointed at /dev/null. A terminal stays as it is (a person
+/// trying aiopopd by hand should read its errors).
+pub fn detach_stderr_from_client() {
+    let stderr = std::io::stderr();
+    let fd2 = stderr.as_fd();
+    let open = dup(fd2).is_ok();
+    let is_socket = open && is_socket(fd2);
+    let mut client = vec![0, 1];
+    if std::env::var_os("LISTEN_FDS").is_some() {
+        client.push(3);
+    }
+    let shared = client.into_iter().any(|fd| {
+        // SAFETY: borrowed only for the check; an fd that isn't open fails `dup` in `same_file`
+        // and counts as the same, which is only checked when fd 2 is a socket.
+        let other = unsafe { BorrowedFd::borrow_raw(fd) };
+        same_file(fd2, other)
+    });
+    if open && !(is_socket && shared) {
+        return;
+    }
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto fd 2 from a file we just opened; fd 2 is replaced atomically.
+        unsafe { libc::dup2(null.as_raw_fd(), 2) };
+    }
+}
+
+/// The process holds the user's password: no core dump may write it to disk, and no other
+/// process of the same user may ptrace it or read its memory.
+pub fn forbid_core_dumps() {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on this process with valid arguments.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
 }

@@ -1,10 +1,10 @@
 //! The small interface between the POP3 session and the mail store behind it: log in, take a
 //! snapshot, read message octets in chunks, and apply the deletions at the end.
 //!
-//! The IMAP implementation lives in `imap.rs`; tests use an in-memory one. Nothing here knows
+//! The IMAP implementation lives in `imap/`; tests use an in-memory one. Nothing here knows
 //! about POP3 replies: `Error` says what kind of failure happened, the session picks the reply.
 
-use crate::pop3::Secret;
+use crate::secret::Secret;
 use std::fmt;
 
 /// One message of the snapshot taken at login.

@@ -11,6 +11,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 fn main() -> ExitCode {
+    // Before anything could write to fd 2 or hold a password.
+    fd::detach_stderr_from_client();
+    fd::forbid_core_dumps();
     // Fd 2 is often the client socket: a panic message must go to the log, never there.
     std::panic::set_hook(Box::new(|info| {
         log::error(&format!("internal error (please report): {info}"));
@@ -68,15 +71,7 @@ fn run(config: Config) -> ExitCode {
     log::set_peer(raw.peer_name());
     log::debug(&format!("connection from {}", log::peer()));
 
-    let backend = imap::ImapBackend::new(imap::Settings {
-        source: config.source.clone(),
-        ca: config.imap_ca.clone(),
-        plaintext_allowed: config.imap_plaintext,
-        mailbox: config.mailbox.clone(),
-        on_dele: config.on_dele.clone(),
-        max_messages: config.max_messages,
-        timeout: config.imap_timeout,
-    });
+    let backend = imap::ImapBackend::new(config.imap.clone());
     let settings = session::Settings {
         hostname: config.hostname.clone(),
         allow_plaintext_auth: config.allow_plaintext_auth,

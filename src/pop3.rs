@@ -4,41 +4,13 @@
 //! No I/O, no state: the session decides what a command means, the connection decides where
 //! bytes come from.
 
-use std::fmt;
+use crate::secret::Secret;
 
 /// RFC 2449 §4: a command line is at most 255 octets including its CRLF.
 pub const MAX_COMMAND_LINE: usize = 255;
 
 /// A message number as the client sees it: 1-based, fixed for the session.
 pub type MsgNo = u32;
-
-/// A secret string (a password) whose `Debug` never shows it, so it can't reach a log by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    pub fn new(bytes: Vec<u8>) -> Secret {
-        Secret(bytes)
-    }
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        // Best effort: don't leave the password in freed memory; the fence keeps the compiler
-        // from dropping the stores as dead.
-        self.0.iter_mut().for_each(|b| *b = 0);
-        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-    }
-}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {

@@ -6,11 +6,14 @@
 
 use crate::log;
 use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
-use crate::pop3::{Auth, Command, DotStuffer, MsgNo, ParseError, Secret};
+use crate::pop3::{Auth, Command, DotStuffer, MsgNo, ParseError};
+use crate::sasl;
+use crate::secret::Secret;
 use crate::uidl::UidlFormat;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use std::io::{self, Write};
+use zeroize::Zeroizing;
 
 /// Octets asked of the backend per round trip for RETR: big enough that a typical message is one
 /// round trip, small enough that memory stays bounded whatever the message size.
@@ -26,17 +29,6 @@ pub const MAX_FAILED_LOGINS: u32 = 3;
 /// A SASL response line may be far longer than a command (OAuth tokens run to several KB);
 /// RFC 5034 lets the server bound it.
 pub const MAX_SASL_LINE: usize = 16 << 10;
-/// SASL mechanisms aiopopd runs itself: it decodes them and logs in as with USER/PASS.
-const LOCAL_MECHANISMS: [&str; 2] = ["PLAIN", "LOGIN"];
-/// Mechanisms relayed to the IMAP server step by step when it offers them. Channel-binding
-/// (-PLUS) variants are never offered: the binding is to our TLS session, not the server's.
-pub const RELAYED_MECHANISMS: [&str; 5] = [
-    "CRAM-MD5",
-    "SCRAM-SHA-1",
-    "SCRAM-SHA-256",
-    "XOAUTH2",
-    "OAUTHBEARER",
-];
 
 /// What the session reads from: whole lines, with the over-long ones already discarded.
 pub enum Line {
@@ -128,7 +120,7 @@ fn ask<P: Peer>(peer: &mut P, challenge: &[u8]) -> Result<Vec<u8>, Stop> {
     peer.write_all(line.as_bytes()).map_err(Stop::Io)?;
     match peer.read_sasl_line().map_err(Stop::Io)? {
         Line::Command(l) if l == b"*" => Err(Stop::Cancelled),
-        Line::Command(l) => BASE64.decode(&l).map_err(|_| Stop::Invalid),
+        Line::Command(l) => BASE64.decode(Zeroizing::new(l)).map_err(|_| Stop::Invalid),
         Line::TooLong => Err(Stop::TooLong),
         Line::Eof => Err(Stop::Gone),
     }
@@ -231,8 +223,9 @@ impl<B: Backend> Session<B> {
         reply(peer, true, &greeting)?;
         let mut state = State::Authorization { user: None };
         loop {
+            // A PASS line carries a password: wiped when dropped.
             let line = match peer.read_line() {
-                Ok(Line::Command(line)) => line,
+                Ok(Line::Command(line)) => Zeroizing::new(line),
                 Ok(Line::TooLong) => {
                     state = match self.bad(peer, "Line too long.", state)? {
                         Next::Continue(s) => s,
@@ -468,25 +461,12 @@ impl<B: Backend> Session<B> {
                 })))
             }
             Err(e) => {
-                let text = match &e {
-                    Error::Auth(_) => {
-                        log::login_failed(user, &e.to_string());
-                        "[AUTH] Authentication failed."
-                    }
-                    Error::InUse(_) => {
-                        log::warning(&format!("user={user} login: {e}"));
-                        "[IN-USE] Mailbox is in use; try again later."
-                    }
-                    Error::Perm(_) => {
-                        log::error(&format!("user={user} login: {e}"));
-                        "[SYS/PERM] The mailbox can't be served; tell the administrator."
-                    }
-                    Error::Temp(_) | Error::Gone => {
-                        log::error(&format!("user={user} login: {e}"));
-                        "[SYS/TEMP] Account is temporarily unavailable; try again later."
-                    }
-                };
-                self.login_failed(peer, text)
+                match &e {
+                    Error::Auth(_) => log::login_failed(user, &e.to_string()),
+                    Error::InUse(_) => log::warning(&format!("user={user} login: {e}")),
+                    _ => log::error(&format!("user={user} login: {e}")),
+                }
+                self.login_failed(peer, error_reply(&e, During::Login))
             }
         }
     }
@@ -496,9 +476,9 @@ impl<B: Backend> Session<B> {
         let (backend, settings) = (&mut self.backend, &self.settings);
         self.mechanisms.get_or_insert_with(|| {
             let relayable = backend.relayable_mechanisms();
-            let mut m: Vec<String> = LOCAL_MECHANISMS.iter().map(|s| s.to_string()).collect();
+            let mut m: Vec<String> = sasl::LOCAL.iter().map(|s| s.to_string()).collect();
             m.extend(
-                RELAYED_MECHANISMS
+                sasl::RELAYED
                     .iter()
                     .filter(|r| relayable.iter().any(|x| x.eq_ignore_ascii_case(r)))
                     .map(|s| s.to_string()),
@@ -531,13 +511,13 @@ impl<B: Backend> Session<B> {
         };
         match mech.as_str() {
             "PLAIN" => {
-                let response = match initial {
+                let response = Zeroizing::new(match initial {
                     Some(r) => r,
                     None => match ask(peer, b"") {
                         Ok(r) => r,
                         Err(stop) => return self.sasl_stopped(peer, stop),
                     },
-                };
+                });
                 // authzid NUL authcid NUL passwd (RFC 4616)
                 let mut parts = response.splitn(3, |&b| b == 0);
                 let (Some(authzid), Some(authcid), Some(passwd)) =
@@ -644,9 +624,9 @@ impl<B: Backend> Session<B> {
     ) -> io::Result<Next<B::Maildrop>> {
         match cmd {
             Command::Stat => {
-                let (n, size) = t
-                    .live()
-                    .fold((0u64, 0u64), |(n, s), (_, m)| (n + 1, s + m.size));
+                let (n, size) = t.live().fold((0u64, 0u64), |(n, s), (_, m)| {
+                    (n + 1, s.saturating_add(m.size))
+                });
                 reply(peer, true, &format!("{n} {size}"))?;
             }
             Command::List(None) => {
@@ -735,16 +715,12 @@ impl<B: Backend> Session<B> {
         match t.drop.fetch(m.uid, 0, want, &mut chunk) {
             Ok(()) => {}
             Err(Error::Gone) => {
-                reply(peer, false, "That message was deleted by another client.")?;
+                reply(peer, false, error_reply(&Error::Gone, During::Retrieve))?;
                 return Ok(Next::Continue(State::Transaction(t)));
             }
             Err(e) => {
                 log::error(&format!("fetching uid {}: {e}", m.uid));
-                reply(
-                    peer,
-                    false,
-                    "[SYS/TEMP] The mail server failed; try again later.",
-                )?;
+                reply(peer, false, error_reply(&e, During::Retrieve))?;
                 self.abandon(State::Transaction(t));
                 return Ok(Next::End("imap-failed"));
             }
@@ -769,9 +745,11 @@ impl<B: Backend> Session<B> {
             want = RETR_CHUNK;
             match t.drop.fetch(m.uid, offset, want, &mut chunk) {
                 Ok(()) => {}
-                // A server may answer NIL past the end of a message (one whose size is a
-                // multiple of the chunk): past the listed size, that is the end.
-                Err(Error::Gone) if offset >= m.size => break,
+                // A server may answer NIL right at the end of a message whose size is a multiple
+                // of the chunk: the octets sent are then exactly the listed size. Anywhere else
+                // the message was cut short (or its size lied), and ending it with "." would
+                // hand the client a truncated message as whole.
+                Err(Error::Gone) if offset == m.size => break,
                 Err(e) => {
                     log::error(&format!(
                         "fetching uid {} at offset {offset}: {e}; message left unterminated",
@@ -835,12 +813,8 @@ impl<B: Backend> Session<B> {
             }
             Err(e) => {
                 log::error(&format!("update failed: {e}"));
-                reply(
-                    peer,
-                    false,
-                    "[SYS/TEMP] Some deleted messages were not removed.",
-                )
-                .map(|()| Next::End("update-failed"))
+                reply(peer, false, error_reply(&e, During::Update))
+                    .map(|()| Next::End("update-failed"))
             }
         };
         // The client has its answer; the IMAP goodbye (which may first read answers to fetches
@@ -885,6 +859,30 @@ pub fn log_handshake_failure(e: &io::Error) {
     }
 }
 
+/// What the session was doing when the maildrop failed.
+#[derive(Clone, Copy)]
+enum During {
+    Login,
+    Retrieve,
+    Update,
+}
+
+/// The one place maildrop errors become replies: a short RFC 3206 code and fixed words; the
+/// detail went to the log.
+fn error_reply(e: &Error, during: During) -> &'static str {
+    match (during, e) {
+        (During::Login, Error::Auth(_)) => "[AUTH] Authentication failed.",
+        (During::Login, Error::InUse(_)) => "[IN-USE] Mailbox is in use; try again later.",
+        (During::Login, Error::Perm(_)) => {
+            "[SYS/PERM] The mailbox can't be served; tell the administrator."
+        }
+        (During::Login, _) => "[SYS/TEMP] Account is temporarily unavailable; try again later.",
+        (During::Retrieve, Error::Gone) => "That message was deleted by another client.",
+        (During::Retrieve, _) => "[SYS/TEMP] The mail server failed; try again later.",
+        (During::Update, _) => "[SYS/TEMP] Some deleted messages were not removed.",
+    }
+}
+
 /// A one-line reply. `text` is always ours: never an IMAP line or an error's text.
 fn reply<W: Write>(w: &mut W, ok: bool, text: &str) -> io::Result<()> {
     let status = if ok { "+OK" } else { "-ERR" };
@@ -908,6 +906,8 @@ mod tests {
         /// Fail the fetch at this offset (after `+OK` when > 0).
         fail_at: Option<u64>,
         gone: Vec<u32>,
+        /// Answer `Gone` (a NIL body, or no FETCH) from this offset on.
+        gone_at: Option<u64>,
         commits: std::rc::Rc<std::cell::RefCell<Vec<Vec<u32>>>>,
         commit_fails: bool,
         /// What `prefetch` was told: (length, UIDs).
@@ -950,6 +950,9 @@ mod tests {
             }
             if self.fail_at == Some(off) {
                 return Err(Error::Temp("connection lost".into()));
+            }
+            if self.gone_at.is_some_and(|g| off >= g) {
+                return Err(Error::Gone);
             }
             let m = &self.messages.iter().find(|(u, _)| *u == uid).unwrap().1;
             let start = (off as usize).min(m.len());
@@ -1111,6 +1114,22 @@ mod tests {
             "no terminator, nothing after"
         );
         assert_eq!(summary.outcome, "imap-failed-mid-message");
+    }
+
+    #[test]
+    fn a_message_that_vanishes_mid_way_is_never_ended_with_a_dot() {
+        // NIL (or no FETCH) for a later chunk, short of the listed size: cut, not ".".
+        let mut f = fake();
+        f.gone_at = Some(RETR_CHUNK);
+        let (out, summary) = run_with(f, settings(), &format!("{LOGIN}RETR 3\r\nNOOP\r\n"));
+        assert!(out.ends_with(&"x".repeat(100)), "no terminator");
+        assert_eq!(summary.outcome, "imap-failed-mid-message");
+        // Right at the listed size (a size that is a multiple of the chunk), NIL is the end.
+        let mut f = fake();
+        f.messages[2].1 = vec![b'y'; 2 * RETR_CHUNK as usize];
+        f.gone_at = Some(2 * RETR_CHUNK);
+        let (out, _) = run_with(f, settings(), &format!("{LOGIN}RETR 3\r\nNOOP\r\n"));
+        assert!(out.contains(&format!("{}\r\n.\r\n+OK", "y".repeat(100))));
     }
 
     #[test]

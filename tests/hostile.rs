@@ -501,24 +501,30 @@ fn write_fuzz_seeds() {
             );
         }
     }
-    // Server sides as the fake IMAP server and Dovecot answer; the first byte picks the command
-    // (0: two body fetches of UID 7, 2: CAPABILITY, 3: the listing) and the read size.
+    // Server sides as the fake IMAP server and Dovecot answer; the first byte's low three bits
+    // pick the command (0: two body fetches of UID 7, 1: the same after fetches sent ahead,
+    // 2: CAPABILITY, 3: the listing, 4: LOGIN, 5: the decoder alone, 6: EXAMINE, 7: a relayed
+    // AUTHENTICATE), the rest the read size (see fuzz/fuzz_targets/imap_response.rs).
     let responses: Vec<(u8, &[u8])> = vec![
-        (0, b"* 3 FETCH (UID 7 BODY[]<0> {16}\r\n0123456789abcdef)\r\np1 OK Fetch completed.\r\n\
-              * 3 FETCH (UID 7 BODY[]<16> {0}\r\n)\r\np2 OK Fetch completed.\r\n"),
-        (0, b"* 3 FETCH (UID 7 BODY[]<0> NIL)\r\np1 OK Fetch completed.\r\n"),
-        (0, b"* 3 FETCH (UID 7 BODY[]<0> \"\")\r\np1 OK done\r\n"),
-        (4, b"* NO [ALERT] Quota exceeded\r\n* 2 FETCH (FLAGS (\\Seen) UID 5)\r\n\
-              * 3 FETCH (UID 7 BODY[]<0> {3}\r\nabc)\r\np1 OK done\r\np2 NO [EXPUNGEISSUED] gone\r\n"),
-        (0, b"* 3 FETCH (UID 8 BODY[]<0> {3}\r\nxyz)\r\np1 OK done\r\n"),
-        (8, b"* BYE shutting down\r\n"),
+        (0, b"* 3 FETCH (UID 7 BODY[]<0> {16}\r\n0123456789abcdef)\r\na1 OK Fetch completed.\r\n\
+              * 3 FETCH (UID 7 BODY[]<16> {0}\r\n)\r\na2 OK Fetch completed.\r\n"),
+        (0, b"* 3 FETCH (UID 7 BODY[]<0> NIL)\r\na1 OK Fetch completed.\r\n"),
+        (8, b"* 3 FETCH (UID 7 BODY[]<0> \"\")\r\na1 OK done\r\n"),
+        (1, b"* NO [ALERT] Quota exceeded\r\n* 2 FETCH (FLAGS (\\Seen) UID 5)\r\n\
+              * 3 FETCH (UID 7 BODY[]<0> {3}\r\nabc)\r\na2 OK done\r\na1 NO [EXPUNGEISSUED] gone\r\n"),
+        (0, b"* 3 FETCH (UID 8 BODY[]<0> {3}\r\nxyz)\r\na1 OK done\r\n"),
+        (16, b"* BYE shutting down\r\n"),
         (0, b"* 3 FETCH (UID 7 BODY[]<0> {10}\r\nabc"),
-        (2, b"* CAPABILITY IMAP4rev1 UIDPLUS MOVE\r\np1 OK Capability completed.\r\n"),
-        (6, b"* NO [ALERT] 99% full\r\n* CAPABILITY IMAP4rev1 LITERAL+\r\np1 OK\r\n"),
+        (2, b"* CAPABILITY IMAP4rev1 UIDPLUS MOVE\r\na1 OK Capability completed.\r\n"),
+        (10, b"* NO [ALERT] 99% full\r\n* CAPABILITY IMAP4rev1 LITERAL+\r\na1 OK\r\n"),
         (3, b"* 1 FETCH (UID 1 RFC822.SIZE 123 FLAGS (\\Seen))\r\n\
-              * 2 FETCH (UID 5 RFC822.SIZE 4 FLAGS ())\r\np1 OK Fetch completed.\r\n"),
-        (7, b"* 1 FETCH (UID 1 RFC822.SIZE 3 FLAGS () BODY[HEADER] {5}\r\nab)\r\n)\r\n\
-              * 1 EXISTS\r\np1 BAD what\r\n"),
+              * 2 FETCH (UID 5 RFC822.SIZE 4 FLAGS ())\r\na1 OK Fetch completed.\r\n"),
+        (11, b"* 1 FETCH (UID 1 RFC822.SIZE 3 FLAGS () BODY[HEADER] {5}\r\nab)\r\n)\r\n\
+              * 1 EXISTS\r\n* 2 FETCH (UID abc)\r\n* 3 FETCH (UID 3)\r\na1 BAD what\r\n"),
+        (4, b"* OK IMAP ready\r\na1 NO [AUTHENTICATIONFAILED] a1 LOGIN alice s3cret-pw\r\n"),
+        (5, b"* 1 FETCH (BODYSTRUCTURE ((((((((((\r\n* 2 FETCH (UID 2 BODY[]<0> {3}\r\nabc)\r\n"),
+        (6, b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] x\r\n* OK [PERMANENTFLAGS (\\Seen \\*)] y\r\na1 OK\r\n"),
+        (7, b"+ PDEyMzQ+\r\n+ \r\na1 OK done\r\n"),
     ];
     for (i, (how, bytes)) in responses.iter().enumerate() {
         write(

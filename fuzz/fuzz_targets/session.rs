@@ -10,7 +10,7 @@
 
 use aiopopd::conn::{Conn, Transport};
 use aiopopd::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
-use aiopopd::pop3::Secret;
+use aiopopd::secret::Secret;
 use aiopopd::session::{Session, Settings};
 use aiopopd::uidl::UidlFormat;
 use libfuzzer_sys::fuzz_target;

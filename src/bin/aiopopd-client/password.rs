@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 /// The server's own redacted wrapper: its `Debug` never shows the password, and its memory is
 /// cleared when dropped.
-pub use aiopopd::pop3::Secret;
+pub use aiopopd::secret::Secret;
 
 /// A password as a [`Secret`], refusing what can't go on a PASS line: nothing at all, or a CR,
 /// LF or NUL (which would end the line early and let the rest be read as another command).

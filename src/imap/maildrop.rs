@@ -1,0 +1,487 @@
+//! The maildrop over one IMAP session: connect (TLS or STARTTLS), log in, open the mailbox
+//! read-only (EXAMINE) and take one snapshot; RETR/TOP read with `BODY.PEEK[]<offset.length>`
+//! so nothing changes; only `commit` (POP3's UPDATE state) selects the mailbox read-write and
+//! touches exactly the DELE'd UIDs. IMAP text never reaches the POP3 client: [`to_error`], the
+//! one place IMAP failures become maildrop errors, carries it to the log only.
+
+use super::client::{Client, Entry, Failure};
+use super::transport::{self, Stream};
+use super::{proto, OnDele, Settings};
+use crate::account::{Security, Server, Source};
+use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
+use crate::secret::Secret;
+use crate::{log, sasl};
+use std::time::{Duration, Instant};
+
+/// Body fetches sent ahead (see `Maildrop::prefetch`) expect at most this many octets in all
+/// (by the listed sizes; the nearest message is sent whatever its size), and answers read
+/// before they are wanted are held up to as many. Over a link with a round trip, this is what
+/// bounds the throughput (512 KiB in 10 ms: ~50 MB/s; 128 KiB made a 300-message session 3×
+/// slower at 10 ms, BENCHMARKS.md). Answers not yet read wait in the socket buffers, or in
+/// the server if those are full: a server whose output stays blocked may drop the connection
+/// (Dovecot: after 5 minutes), which a POP3 client pausing that long mid-session then meets as
+/// a clean `-ERR [SYS/TEMP]`.
+const PREFETCH_BUDGET: u64 = 512 << 10;
+/// ... and are at most this many commands.
+const PREFETCH_MOST: usize = 64;
+/// A connection opened early (CAPA/AUTH before login) is used for the login only this long:
+/// servers close idle connections that haven't logged in (Dovecot after a minute or so), while
+/// a POP3 client may wait 10 minutes between CAPA and PASS.
+const EARLY_FRESH: Duration = Duration::from_secs(30);
+
+type Conn = Client<Stream>;
+
+/// What was being done when IMAP failed, for [`to_error`].
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Login,
+    Select(&'a str),
+    Fetch(u32),
+    Other(&'a str),
+}
+
+/// The one place IMAP failures become maildrop errors: RFC 5530 codes say whether a NO is
+/// about the credentials, the mailbox or the server; a broken connection is always temporary.
+fn to_error(step: Step<'_>, f: Failure) -> Error {
+    let what = match step {
+        Step::Login => "login".to_string(),
+        Step::Select(m) => format!("opening {m}"),
+        Step::Fetch(uid) => format!("UID FETCH {uid}"),
+        Step::Other(w) => w.to_string(),
+    };
+    let detail = format!("{what}: {}", f.detail());
+    let Failure::No { code, .. } = &f else {
+        return Error::Temp(detail);
+    };
+    match (code.as_ref().map(|c| c.name.as_str()), step) {
+        (Some("UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "OVERQUOTA"), _) => Error::Temp(detail),
+        (Some("INUSE"), _) => Error::InUse(detail),
+        (_, Step::Login) => Error::Auth(detail),
+        (_, Step::Select(_)) => Error::Perm(detail),
+        (Some("EXPUNGEISSUED"), Step::Fetch(_)) => Error::Gone,
+        _ => Error::Temp(detail),
+    }
+}
+
+pub struct ImapBackend {
+    settings: Settings,
+    /// A connection opened early to learn the SASL mechanisms, kept for the login that follows.
+    early: Option<(Conn, Instant)>,
+}
+
+impl ImapBackend {
+    pub fn new(settings: Settings) -> ImapBackend {
+        ImapBackend {
+            settings,
+            early: None,
+        }
+    }
+
+    /// The connection for this server: the one opened early, if fresh and to the same
+    /// server, or a new one.
+    fn conn(&mut self, server: &Server) -> Result<Conn, Error> {
+        match self.early.take() {
+            Some((c, at))
+                if at.elapsed() < EARLY_FRESH
+                    && matches!(&self.settings.accounts.source, Source::Fixed(s) if s == server) =>
+            {
+                Ok(c)
+            }
+            _ => connect(server, self.settings.timeout, self.settings.ca.as_deref()),
+        }
+    }
+
+    /// After LOGIN or AUTHENTICATE: open the mailbox and take the snapshot.
+    fn open_maildrop(&self, mut client: Conn, mailbox: String) -> Result<ImapMaildrop, Error> {
+        let s = &self.settings;
+        match open(&mut client, &mailbox, &s.on_dele, s.max_messages) {
+            Ok(snapshot) => Ok(ImapMaildrop {
+                client,
+                mailbox,
+                on_dele: s.on_dele.clone(),
+                snapshot,
+            }),
+            Err(e) => {
+                client.logout();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Connects, with TLS or STARTTLS as configured, and reads the greeting.
+fn connect(
+    server: &Server,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> Result<Conn, Error> {
+    let where_ = format!("{}:{}", server.host, server.port);
+    let tcp = transport::connect(server, timeout).map_err(Error::Temp)?;
+    let tls = |tcp| {
+        transport::tls(tcp, &server.host, ca).map_err(|(e, permanent)| match permanent {
+            true => Error::Perm(e),
+            false => Error::Temp(e),
+        })
+    };
+    let step = Step::Other(&where_);
+    match server.security {
+        Security::Plain | Security::Tls => {
+            let stream = match server.security {
+                Security::Plain => Stream::Plain(tcp),
+                _ => tls(tcp)?,
+            };
+            let mut c = Client::new(stream, timeout);
+            c.greeting().map_err(|f| to_error(step, f))?;
+            Ok(c)
+        }
+        Security::StartTls => {
+            let mut c = Client::new(Stream::Plain(tcp), timeout);
+            c.greeting().map_err(|f| to_error(step, f))?;
+            let caps = c.capabilities().map_err(|f| to_error(step, f))?;
+            if !caps.iter().any(|c| c == "STARTTLS") {
+                return Err(Error::Temp(format!(
+                    "{where_}: the server does not offer STARTTLS"
+                )));
+            }
+            c.run(b"STARTTLS", &mut drop)
+                .map_err(|f| to_error(Step::Other(&format!("{where_}: STARTTLS")), f))?;
+            let Stream::Plain(tcp) = c.into_stream().map_err(|f| to_error(step, f))? else {
+                unreachable!("STARTTLS starts on a plain stream");
+            };
+            Ok(Client::new(tls(tcp)?, timeout))
+        }
+    }
+}
+
+impl Backend for ImapBackend {
+    type Maildrop = ImapMaildrop;
+
+    fn login(&mut self, user: &str, password: &Secret) -> Result<ImapMaildrop, Error> {
+        let account = self.settings.accounts.lookup(user)?;
+        let mut client = self.conn(&account.server)?;
+        let pw = password.expose();
+        if account
+            .username
+            .bytes()
+            .chain(pw.iter().copied())
+            .any(|b| b == b'\r' || b == b'\n' || b == 0)
+        {
+            // The session refuses these first; this is the second lock on the door.
+            return Err(Error::Auth("credentials contain CR, LF or NUL".into()));
+        }
+        client
+            .login(&account.username, password)
+            .map_err(|f| to_error(Step::Login, f))?;
+        self.open_maildrop(client, account.mailbox)
+    }
+
+    /// Only with a fixed server: with --user-dir the server depends on a user name that a
+    /// relayed exchange doesn't tell us beforehand.
+    fn relayable_mechanisms(&mut self) -> Vec<String> {
+        let Source::Fixed(server) = &self.settings.accounts.source else {
+            return Vec::new();
+        };
+        let server = server.clone();
+        let mut client = match self.conn(&server) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warning(&format!(
+                    "asking the IMAP server for its SASL mechanisms: {e}"
+                ));
+                return Vec::new();
+            }
+        };
+        let mechs = match client.capabilities() {
+            Ok(caps) => sasl::RELAYED
+                .iter()
+                .filter(|m| caps.contains(&format!("AUTH={m}")))
+                .map(|m| m.to_string())
+                .collect(),
+            Err(f) => {
+                log::warning(&format!("IMAP CAPABILITY: {}", f.detail()));
+                return Vec::new();
+            }
+        };
+        self.early = Some((client, Instant::now()));
+        mechs
+    }
+
+    fn authenticate(
+        &mut self,
+        mechanism: &str,
+        initial: Option<Vec<u8>>,
+        client: &mut dyn SaslClient,
+    ) -> Result<ImapMaildrop, Error> {
+        let Source::Fixed(server) = &self.settings.accounts.source else {
+            return Err(Error::Perm(
+                "SASL relay needs a fixed IMAP server (-H)".into(),
+            ));
+        };
+        let server = server.clone();
+        let mut conn = self.conn(&server)?;
+        conn.authenticate(mechanism, initial, &mut |challenge| {
+            client.challenge(challenge)
+        })
+        .map_err(|f| to_error(Step::Login, f))?;
+        let mailbox = self.settings.accounts.mailbox.clone();
+        self.open_maildrop(conn, mailbox)
+    }
+}
+
+/// The snapshot taken at login.
+#[derive(Debug)]
+struct Snapshot {
+    uidvalidity: u32,
+    messages: Vec<Message>,
+}
+
+fn open(
+    client: &mut Conn,
+    mailbox: &str,
+    on_dele: &OnDele,
+    max: Option<usize>,
+) -> Result<Snapshot, Error> {
+    let step = Step::Select(mailbox);
+    if let OnDele::Keyword(k) = on_dele {
+        // EXAMINE reports no permanent flags, so ask SELECT whether keywords can be stored.
+        let sel = client
+            .select(false, mailbox)
+            .map_err(|f| to_error(step, f))?;
+        let flags = sel.permanent_flags.unwrap_or_default();
+        if !flags
+            .iter()
+            .any(|f| f == "\\*" || f.eq_ignore_ascii_case(k))
+        {
+            return Err(Error::Perm(format!(
+                "mailbox {mailbox} can't store the keyword {k} (PERMANENTFLAGS: {})",
+                flags.join(" ")
+            )));
+        }
+    }
+    let sel = client
+        .select(true, mailbox)
+        .map_err(|f| to_error(step, f))?;
+    let uidvalidity = sel
+        .uidvalidity
+        .ok_or_else(|| Error::Temp(format!("no UIDVALIDITY for {mailbox}")))?;
+    if sel.exists == 0 {
+        return Ok(Snapshot {
+            uidvalidity,
+            messages: Vec::new(),
+        });
+    }
+    // The flag that takes a message out of the listing, if any.
+    let (interest, hide): (Vec<&str>, bool) = match on_dele {
+        OnDele::Seen => (vec!["\\Seen"], true),
+        OnDele::Keyword(k) => (vec![k.as_str()], true),
+        OnDele::Expunge | OnDele::Move(_) | OnDele::Keep => (vec![], false),
+    };
+    let listed = |e: &Entry| !(hide && e.marks & 1 != 0);
+    let listing = client
+        .list(sel.exists, &interest, max.unwrap_or(usize::MAX), &listed)
+        .map_err(|f| to_error(Step::Other("listing"), f))?;
+    for why in &listing.left_out {
+        log::warning(&format!("{mailbox}: left out of the listing: {why}"));
+    }
+    if listing.left_out_count > listing.left_out.len() {
+        log::warning(&format!(
+            "{mailbox}: {} more messages left out of the listing",
+            listing.left_out_count - listing.left_out.len()
+        ));
+    }
+    if listing.cut && max.is_none() {
+        log::warning(&format!(
+            "{mailbox}: listing cut at {} messages (the most one session lists)",
+            listing.entries.len()
+        ));
+    }
+    let mut messages: Vec<Message> = listing
+        .entries
+        .iter()
+        .map(|e| Message {
+            uid: e.uid,
+            size: e.size,
+        })
+        .collect();
+    // A server repeating a UID: listed once.
+    messages.sort_by_key(|m| m.uid);
+    let before = messages.len();
+    messages.dedup_by_key(|m| m.uid);
+    if messages.len() < before {
+        log::warning(&format!(
+            "{mailbox}: the server listed {} UIDs twice; each listed once",
+            before - messages.len()
+        ));
+    }
+    Ok(Snapshot {
+        uidvalidity,
+        messages,
+    })
+}
+
+pub struct ImapMaildrop {
+    client: Conn,
+    mailbox: String,
+    on_dele: OnDele,
+    snapshot: Snapshot,
+}
+
+impl ImapMaildrop {
+    /// The UPDATE state's IMAP commands for `--on-dele`, each recorded in `applied` once the
+    /// server has said OK to it.
+    fn apply(
+        &mut self,
+        set: &str,
+        applied: &mut Vec<String>,
+    ) -> Result<Option<&'static str>, Error> {
+        let c = &mut self.client;
+        let sel = c
+            .select(false, &self.mailbox)
+            .map_err(|f| to_error(Step::Select(&self.mailbox), f))?;
+        if sel.uidvalidity != Some(self.snapshot.uidvalidity) {
+            return Err(Error::Temp(format!(
+                "UIDVALIDITY of {} changed during the session",
+                self.mailbox
+            )));
+        }
+        let (uidplus, has_move) = match &self.on_dele {
+            OnDele::Expunge | OnDele::Move(_) => {
+                let caps = c
+                    .capabilities()
+                    .map_err(|f| to_error(Step::Other("CAPABILITY"), f))?;
+                let has = |x: &str| caps.iter().any(|c| c == x);
+                (has("UIDPLUS"), has("MOVE"))
+            }
+            _ => (false, false),
+        };
+        let mut step = |verb: &str, args: String| -> Result<(), Error> {
+            let shown = format!("UID {verb} {set} {args}");
+            c.uid_command(verb, set, &args)
+                .map_err(|f| to_error(Step::Other(&shown), f))?;
+            applied.push(shown);
+            Ok(())
+        };
+        let mut remark = None;
+        match &self.on_dele {
+            OnDele::Keep => {}
+            OnDele::Seen => step("STORE", "+FLAGS.SILENT (\\Seen)".into())?,
+            OnDele::Keyword(k) => step("STORE", format!("+FLAGS.SILENT ({k})"))?,
+            OnDele::Move(folder) if has_move => step("MOVE", proto::mailbox(folder))?,
+            OnDele::Expunge | OnDele::Move(_) => {
+                // Without MOVE, a move is a copy and a deletion.
+                if let OnDele::Move(folder) = &self.on_dele {
+                    step("COPY", proto::mailbox(folder))?;
+                }
+                step("STORE", "+FLAGS.SILENT (\\Deleted)".into())?;
+                if uidplus {
+                    step("EXPUNGE", String::new())?;
+                } else {
+                    // A plain EXPUNGE would also remove other clients' \Deleted mail.
+                    remark =
+                        Some("marked \\Deleted but not expunged: the IMAP server lacks UIDPLUS");
+                }
+            }
+        }
+        Ok(remark)
+    }
+}
+
+impl Maildrop for ImapMaildrop {
+    fn uidvalidity(&self) -> u32 {
+        self.snapshot.uidvalidity
+    }
+
+    fn messages(&self) -> &[Message] {
+        &self.snapshot.messages
+    }
+
+    fn fetch(&mut self, uid: u32, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), Error> {
+        match self.client.fetch_body(uid, offset, len, out) {
+            Ok(true) => Ok(()),
+            // NIL, or no FETCH for the UID: the server has no such message (any more).
+            Ok(false) => Err(Error::Gone),
+            Err(f) => Err(to_error(Step::Fetch(uid), f)),
+        }
+    }
+
+    fn prefetch(&mut self, len: u64, next: &mut dyn Iterator<Item = Message>) {
+        let next = &mut next.map(|m| (m.uid, m.size));
+        self.client
+            .prefetch(len, PREFETCH_BUDGET, PREFETCH_MOST, next);
+    }
+
+    fn commit(&mut self, deleted: &[u32]) -> Result<Option<&'static str>, Error> {
+        if self.on_dele == OnDele::Keep {
+            return Ok(None);
+        }
+        let set = proto::uid_set(deleted);
+        let mut applied: Vec<String> = Vec::new();
+        match self.apply(&set, &mut applied) {
+            Ok(remark) => {
+                log::info(&format!(
+                    "update of UIDs {set} in {} applied: [{}]",
+                    self.mailbox,
+                    applied.join("; ")
+                ));
+                Ok(remark)
+            }
+            // Whatever the failure, the log must say exactly what was and wasn't done.
+            Err(e) => Err(Error::Temp(format!(
+                "update of UIDs {set} in {} failed: {}; applied before the failure: [{}]",
+                self.mailbox,
+                e.detail(),
+                applied.join("; ")
+            ))),
+        }
+    }
+
+    fn logout(&mut self) {
+        self.client.logout();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::proto::Code;
+
+    fn no(code: &str) -> Failure {
+        Failure::No {
+            code: (!code.is_empty()).then(|| Code {
+                name: code.into(),
+                args: String::new(),
+            }),
+            text: "x".into(),
+        }
+    }
+
+    #[test]
+    fn failures_are_classified_by_step_and_code() {
+        assert!(matches!(
+            to_error(Step::Login, no("AUTHENTICATIONFAILED")),
+            Error::Auth(_)
+        ));
+        assert!(matches!(to_error(Step::Login, no("")), Error::Auth(_)));
+        assert!(matches!(
+            to_error(Step::Login, no("UNAVAILABLE")),
+            Error::Temp(_)
+        ));
+        assert!(matches!(
+            to_error(Step::Login, no("INUSE")),
+            Error::InUse(_)
+        ));
+        assert!(matches!(
+            to_error(Step::Login, Failure::Broken("x".into())),
+            Error::Temp(_)
+        ));
+        assert!(matches!(
+            to_error(Step::Select("INBOX"), no("NONEXISTENT")),
+            Error::Perm(_)
+        ));
+        assert!(matches!(
+            to_error(Step::Fetch(3), no("EXPUNGEISSUED")),
+            Error::Gone
+        ));
+        assert!(matches!(to_error(Step::Fetch(3), no("")), Error::Temp(_)));
+    }
+}

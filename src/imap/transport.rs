@@ -1,0 +1,116 @@
+//! The byte stream under the IMAP session: TCP to the server, optionally in TLS (native-tls:
+//! the system's OpenSSL, so its security updates apply at the next connection). Certificates
+//! and host names are always verified; there is deliberately no way to skip that, since the
+//! user's password crosses this link.
+
+use super::client::Transport;
+use crate::account::Server;
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<native_tls::TlsStream<TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+impl Transport for Stream {
+    fn set_read_timeout(&mut self, left: Duration) -> io::Result<()> {
+        let tcp = match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
+        };
+        // Zero would mean "no timeout".
+        tcp.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+    }
+}
+
+/// A TCP connection to `server`, trying each address in turn; every wait bounded by `timeout`.
+pub fn connect(server: &Server, timeout: Duration) -> Result<TcpStream, String> {
+    let where_ = format!("{}:{}", server.host, server.port);
+    let addrs = (server.host.as_str(), server.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {where_}: {e}"))?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(tcp) => {
+                let set = tcp
+                    .set_read_timeout(Some(timeout))
+                    .and_then(|()| tcp.set_write_timeout(Some(timeout)))
+                    .and_then(|()| tcp.set_nodelay(true));
+                return set.map(|()| tcp).map_err(|e| format!("{where_}: {e}"));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(format!(
+        "connecting to {where_}: {}",
+        last.map_or("no addresses".to_string(), |e| e.to_string())
+    ))
+}
+
+/// TLS 1.2+ over `tcp`, the certificate and host name verified against the system roots and
+/// the certificates in `ca`. `Err` is (what, permanent).
+pub fn tls(tcp: TcpStream, host: &str, ca: Option<&Path>) -> Result<Stream, (String, bool)> {
+    let mut builder = native_tls::TlsConnector::builder();
+    builder.min_protocol_version(Some(native_tls::Protocol::Tlsv12));
+    if let Some(ca) = ca {
+        let pem =
+            std::fs::read(ca).map_err(|e| (format!("--imap-ca {}: {e}", ca.display()), true))?;
+        for block in pem_blocks(&pem) {
+            let cert = native_tls::Certificate::from_pem(block)
+                .map_err(|e| (format!("--imap-ca {}: {e}", ca.display()), true))?;
+            builder.add_root_certificate(cert);
+        }
+    }
+    let connector = builder
+        .build()
+        .map_err(|e| (format!("TLS setup: {e}"), false))?;
+    let tls = connector
+        .connect(host, tcp)
+        .map_err(|e| (format!("TLS to {host}: {e}"), false))?;
+    Ok(Stream::Tls(Box::new(tls)))
+}
+
+/// Each `-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----` block of a PEM file.
+fn pem_blocks(pem: &[u8]) -> Vec<&[u8]> {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = find(rest, BEGIN) {
+        let Some(end) = find(&rest[start..], END) else {
+            break;
+        };
+        blocks.push(&rest[start..start + end + END.len()]);
+        rest = &rest[start + end + END.len()..];
+    }
+    blocks
+}
