@@ -10,16 +10,22 @@
 //! Without a rule it behaves as a small, correct server over one in-memory mailbox (INBOX plus
 //! any folders given), shared by all connections, so a second session sees what the first one
 //! did. Rules ([`Act`]) fire at the nth occurrence of a command verb (`"UID FETCH"`, `"EXAMINE"`,
-//! `"LOGIN"`, ... or [`GREETING`]), counted over all connections.
+//! `"LOGIN"`, ... or [`GREETING`]), counted over all connections, or at every command a
+//! predicate picks ([`Builder::when`]: a body fetch by UID and offset, the listing). A rule may
+//! also answer with any bytes at all ([`Act::Raw`]), for a server that is broken or hostile
+//! rather than merely failing: endless lines, deep nesting, drip-fed answers.
 //!
 //! Also here, because both fault and hostile-input tests need it: [`Aiopopd`], the built binary
-//! on pipes with every wait bounded (a hang is a test failure, never a stuck test run).
+//! on pipes with every wait bounded (a hang is a test failure, never a stuck test run), and
+//! [`run_on_socket`], the binary with fds 0, 1 and 2 all one socket, as inetd may run it.
 #![allow(dead_code)]
 
 use super::pop3::BIN;
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -47,8 +53,8 @@ pub const MUTATING: &[&str] = &[
     "RENAME",
 ];
 
-/// What the fake does when a rule fires. The first six answer instead of the command, which is
-/// then not carried out; the others go with the normal answer.
+/// What the fake does when a rule fires. The first six, and `Raw`, answer instead of the
+/// command, which is then not carried out; the others go with the normal answer.
 #[derive(Debug, Clone)]
 pub enum Act {
     /// A tagged `NO` with this text (e.g. `"[UNAVAILABLE] try later"`).
@@ -73,13 +79,122 @@ pub enum Act {
     ExpungeElsewhere(u32),
     /// The mailbox is recreated with this UIDVALIDITY just before the normal answer.
     SetUidvalidity(u32),
+    /// The script writes whatever it likes instead of the answer (see [`Raw`]); then the fake
+    /// goes on reading commands if it returned `Ok`, or closes the connection if not.
+    Raw(Script),
 }
 
-#[derive(Debug, Clone)]
+impl Act {
+    /// An [`Act::Raw`] running `f`.
+    pub fn raw(f: impl Fn(&mut Raw<'_>) -> io::Result<()> + Send + Sync + 'static) -> Act {
+        Act::Raw(Script(Arc::new(f)))
+    }
+}
+
+/// The code of an [`Act::Raw`].
+#[derive(Clone)]
+pub struct Script(Arc<ScriptFn>);
+
+type ScriptFn = dyn Fn(&mut Raw<'_>) -> io::Result<()> + Send + Sync;
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Script(..)")
+    }
+}
+
+/// What an [`Act::Raw`] script answers and writes to. Writes never block for good: once the
+/// fake is stopped (the test is over) they fail, so a script may stream until a write fails.
+pub struct Raw<'a> {
+    /// The command's tag; empty for the greeting.
+    pub tag: &'a str,
+    /// The command line as received, literals included; empty for the greeting.
+    pub line: &'a [u8],
+    conn: &'a mut Conn,
+}
+
+impl Raw<'_> {
+    /// The next line from the client (e.g. an AUTHENTICATE answer), recorded as a
+    /// continuation; `None` at EOF.
+    pub fn read_line(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let line = self.conn.read_line()?;
+        if let Some(l) = &line {
+            self.conn.record(l.clone(), false);
+        }
+        Ok(line)
+    }
+
+    /// Sleeps, failing early if the fake is stopped meanwhile.
+    pub fn pause(&self, d: Duration) -> io::Result<()> {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            if self.conn.stop.load(Ordering::SeqCst) {
+                return Err(stopped());
+            }
+            thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// Writes `head`, then `total` octets of `fill`, then `tail`: one endless-looking line
+    /// when none of them holds a line end. Fails as soon as the client stops taking them.
+    pub fn stream(&mut self, head: &[u8], fill: u8, total: usize, tail: &[u8]) -> io::Result<()> {
+        self.write_all(head)?;
+        let chunk = vec![fill; 1 << 20];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            self.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        self.write_all(tail)?;
+        self.flush()
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the fake IMAP server is stopped")
+}
+
+impl Write for Raw<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // The socket has a short write timeout while a script runs: a client that stopped
+        // reading but keeps the connection open must not hold the fake (and its Drop) forever.
+        loop {
+            if self.conn.stop.load(Ordering::SeqCst) {
+                return Err(stopped());
+            }
+            match self.conn.stream.write(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.stream.flush()
+    }
+}
+
+#[derive(Clone)]
 struct Rule {
-    verb: String,
-    nth: usize,
+    when: When,
     act: Act,
+}
+
+/// Which commands a rule fires at.
+#[derive(Clone)]
+enum When {
+    /// The nth (1-based) occurrence of a verb, counted over all connections.
+    Nth(String, usize),
+    /// Every command (without its tag) for which this holds.
+    Every(Arc<dyn Fn(&str) -> bool + Send + Sync>),
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +202,8 @@ pub struct Message {
     pub uid: u32,
     pub flags: Vec<String>,
     pub body: Vec<u8>,
+    /// The RFC822.SIZE the listing gives, if not the body's real length (a server that lies).
+    pub listed_size: Option<u64>,
 }
 
 /// One line the fake received.
@@ -167,6 +284,13 @@ impl Builder {
         self
     }
 
+    /// The UID the next message appended gets (1 at first): UIDs that differ from message
+    /// numbers show which of the two a log line names.
+    pub fn next_uid(mut self, uid: u32) -> Builder {
+        self.state.next_uid = uid;
+        self
+    }
+
     /// Appends a message to INBOX with the next UID.
     pub fn message(self, body: &[u8]) -> Builder {
         self.message_with_flags(body, &[])
@@ -179,7 +303,22 @@ impl Builder {
             uid,
             flags: flags.iter().map(|f| f.to_string()).collect(),
             body: body.to_vec(),
+            listed_size: None,
         });
+        self
+    }
+
+    /// Appends a message whose listing says RFC822.SIZE `size`, whatever its body's length.
+    pub fn message_listed_as(mut self, body: &[u8], size: u64) -> Builder {
+        self = self.message(body);
+        self.state.inbox.last_mut().unwrap().listed_size = Some(size);
+        self
+    }
+
+    /// One more capability advertised (e.g. `AUTH=CRAM-MD5`, for a relayed mechanism; the
+    /// fake itself runs only PLAIN, so a rule must answer such an AUTHENTICATE).
+    pub fn capability(mut self, capability: &str) -> Builder {
+        self.state.capabilities.push(capability.to_string());
         self
     }
 
@@ -197,11 +336,35 @@ impl Builder {
     /// `act` at the nth (1-based) occurrence of `verb`, counted over all connections.
     pub fn on_nth(mut self, verb: &str, nth: usize, act: Act) -> Builder {
         self.state.rules.push(Rule {
-            verb: verb.to_ascii_uppercase(),
-            nth,
+            when: When::Nth(verb.to_ascii_uppercase(), nth),
             act,
         });
         self
+    }
+
+    /// `act` at every command (without its tag, e.g. `UID FETCH 7 (UID BODY.PEEK[]<0.262144>)`)
+    /// for which `matches` holds.
+    pub fn when(
+        mut self,
+        matches: impl Fn(&str) -> bool + Send + Sync + 'static,
+        act: Act,
+    ) -> Builder {
+        self.state.rules.push(Rule {
+            when: When::Every(Arc::new(matches)),
+            act,
+        });
+        self
+    }
+
+    /// `act` at every fetch of message `uid`'s body from `offset` (whatever the length asked),
+    /// however many fetches came before it or are sent ahead.
+    pub fn on_body(self, uid: u32, offset: u64, act: Act) -> Builder {
+        self.when(move |c| body_fetch(c) == Some((uid, offset)), act)
+    }
+
+    /// `act` at every listing: a FETCH (or UID FETCH) that asks for RFC822.SIZE.
+    pub fn on_listing(self, act: Act) -> Builder {
+        self.when(is_listing, act)
     }
 
     pub fn start(self) -> FakeImap {
@@ -433,8 +596,8 @@ impl Conn {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The rules that fire now for `verb` (counting this occurrence).
-    fn fire(&self, verb: &str) -> Vec<Act> {
+    /// The rules that fire now for `command` (counting this occurrence of its verb).
+    fn fire(&self, verb: &str, command: &str) -> Vec<Act> {
         let mut s = self.state();
         let count = {
             let c = s.seen.entry(verb.to_string()).or_insert(0);
@@ -443,7 +606,10 @@ impl Conn {
         };
         s.rules
             .iter()
-            .filter(|r| r.verb == verb && r.nth == count)
+            .filter(|r| match &r.when {
+                When::Nth(v, nth) => v == verb && *nth == count,
+                When::Every(matches) => matches(command),
+            })
             .map(|r| r.act.clone())
             .collect()
     }
@@ -464,8 +630,8 @@ impl Conn {
         let caps = self.state().capabilities.join(" ");
         let mut greeting = Answer::default();
         greeting.line(&format!("* OK [CAPABILITY {caps}] Fake IMAP ready."));
-        let acts = self.fire(GREETING);
-        if let Some(end) = self.respond("", acts, greeting)? {
+        let acts = self.fire(GREETING, "");
+        if let Some(end) = self.respond("", b"", acts, greeting)? {
             return Ok(end);
         }
         loop {
@@ -477,7 +643,7 @@ impl Conn {
             let (tag, command) = text.split_once(' ').unwrap_or((&text, ""));
             let tag = tag.to_string();
             let verb = verb_of(command);
-            let acts = self.fire(&verb);
+            let acts = self.fire(&verb, command);
             // Another client's changes happen before the command is carried out; a rule that
             // answers instead means the command is not carried out at all.
             let mut replaced = false;
@@ -490,7 +656,8 @@ impl Conn {
                     | Act::Bye(_)
                     | Act::Close
                     | Act::Stall
-                    | Act::Reply(_) => replaced = true,
+                    | Act::Reply(_)
+                    | Act::Raw(_) => replaced = true,
                     Act::CutMidResponse | Act::Untagged(_) => {}
                 }
             }
@@ -503,7 +670,7 @@ impl Conn {
             if MUTATING.contains(&verb.as_str()) && find(&answer.bytes, ok.as_bytes()).is_some() {
                 self.state().applied.push(command.to_string());
             }
-            if let Some(end) = self.respond(&tag, acts, answer)? {
+            if let Some(end) = self.respond(&tag, &line, acts, answer)? {
                 return Ok(end);
             }
         }
@@ -513,6 +680,7 @@ impl Conn {
     fn respond(
         &mut self,
         tag: &str,
+        line: &[u8],
         acts: Vec<Act>,
         mut answer: Answer,
     ) -> io::Result<Option<End>> {
@@ -548,6 +716,20 @@ impl Conn {
                 Act::Reply(text) => {
                     answer = Answer::default();
                     answer.bytes = text.replace("{tag}", tag).into_bytes();
+                }
+                Act::Raw(Script(script)) => {
+                    answer = Answer::default();
+                    self.stream
+                        .set_write_timeout(Some(Duration::from_millis(100)))?;
+                    let done = script(&mut Raw {
+                        tag,
+                        line,
+                        conn: self,
+                    });
+                    self.stream.set_write_timeout(None)?;
+                    if done.is_err() {
+                        return Ok(Some(End::Closed));
+                    }
                 }
             }
         }
@@ -781,7 +963,8 @@ impl Conn {
             }
             let mut attrs = vec![format!("UID {}", m.uid)];
             if items.contains("RFC822.SIZE") {
-                attrs.push(format!("RFC822.SIZE {}", m.body.len()));
+                let size = m.listed_size.unwrap_or(m.body.len() as u64);
+                attrs.push(format!("RFC822.SIZE {size}"));
             }
             if items.contains("FLAGS") {
                 attrs.push(format!("FLAGS ({})", m.flags.join(" ")));
@@ -1013,6 +1196,23 @@ fn parse_partial(items: &str) -> Option<(u64, u64)> {
         }
         None => Some((0, u64::MAX >> 1)),
     }
+}
+
+/// `(uid, offset)` of a command that fetches one message's body by UID from an offset.
+pub fn body_fetch(command: &str) -> Option<(u32, u64)> {
+    let rest = command
+        .get(..10)
+        .filter(|p| p.eq_ignore_ascii_case("UID FETCH "))
+        .map(|_| &command[10..])?;
+    let (set, items) = rest.split_once(' ')?;
+    let (offset, _) = parse_partial(&items.to_ascii_uppercase())?;
+    Some((set.parse().ok()?, offset))
+}
+
+/// Whether a command is a listing: FETCH or UID FETCH of RFC822.SIZE.
+pub fn is_listing(command: &str) -> bool {
+    let verb = verb_of(command);
+    (verb == "FETCH" || verb == "UID FETCH") && command.to_ascii_uppercase().contains("RFC822.SIZE")
 }
 
 /// Whether `n` is in the IMAP sequence set `set` (`*` = `max`).
@@ -1302,6 +1502,80 @@ pub fn run_within(args: &[String], script: &[u8], within: Duration) -> Finished 
     let a = Aiopopd::spawn(args);
     a.send(script);
     a.finish(within)
+}
+
+/// Runs `cmd` (aiopopd) as inetd may: fds 0, 1 and 2 all one end of a Unix socket pair, so
+/// whatever the process writes to stderr, the runtime's own messages included, reaches the
+/// client. Sends `script`, half-closes, and reads until the process is gone; `stdout` is all the
+/// client received, `stderr` is empty. Panics (after killing it) past `within`: a hang.
+pub fn run_on_socket(cmd: &mut Command, script: &[u8], within: Duration) -> Finished {
+    let (mut client, server) = UnixStream::pair().expect("socketpair");
+    let fd = |s: &UnixStream| -> OwnedFd { s.try_clone().expect("clone the socket").into() };
+    let mut child = cmd
+        .stdin(Stdio::from(fd(&server)))
+        .stdout(Stdio::from(fd(&server)))
+        .stderr(Stdio::from(fd(&server)))
+        .spawn()
+        .expect("start aiopopd");
+    // Only the child may hold the server end, or EOF would never come. The Command keeps the
+    // copies it was given until it is dropped: overwrite them.
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    drop(server);
+    let started = Instant::now();
+    let mut writer = client.try_clone().expect("clone the socket");
+    let script = script.to_vec();
+    let w = thread::spawn(move || {
+        let _ = writer.write_all(&script);
+        let _ = writer.shutdown(Shutdown::Write);
+    });
+    client
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let deadline = started + within;
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => break,
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "aiopopd did not exit within {within:?}\nreceived: {:?}",
+                String::from_utf8_lossy(&received)
+            );
+        }
+    }
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("aiopopd closed the socket but did not exit within {within:?}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let _ = w.join();
+    Finished {
+        stdout: received,
+        stderr: String::new(),
+        status,
+        elapsed: started.elapsed(),
+    }
 }
 
 /// Peak resident memory (VmHWM) of a process, in KiB.
