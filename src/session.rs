@@ -713,6 +713,16 @@ impl<B: Backend> Session<B> {
         };
         let mut chunk = Vec::new();
         match t.drop.fetch(m.uid, 0, want, &mut chunk) {
+            // Nothing where the listing promised octets: not an empty message, a broken answer.
+            Ok(()) if chunk.is_empty() && m.size > 0 => {
+                log::error(&format!(
+                    "fetching uid {}: an empty body for a message listed as {} octets",
+                    m.uid, m.size
+                ));
+                let broken = Error::Temp(String::new());
+                reply(peer, false, error_reply(&broken, During::Retrieve))?;
+                return Ok(Next::Continue(State::Transaction(t)));
+            }
             Ok(()) => {}
             Err(Error::Gone) => {
                 reply(peer, false, error_reply(&Error::Gone, During::Retrieve))?;
@@ -744,6 +754,17 @@ impl<B: Backend> Session<B> {
             chunk.clear();
             want = RETR_CHUNK;
             match t.drop.fetch(m.uid, offset, want, &mut chunk) {
+                // An empty answer short of the listed size: the octets still expected never
+                // came (past it, an empty answer is the end of a message longer than listed).
+                Ok(()) if chunk.is_empty() && offset < m.size => {
+                    log::error(&format!(
+                        "fetching uid {} at offset {offset}: an empty body short of the listed \
+                         {} octets; message left unterminated",
+                        m.uid, m.size
+                    ));
+                    self.abandon(State::Transaction(t));
+                    return Ok(Next::End("imap-failed-mid-message"));
+                }
                 Ok(()) => {}
                 // A server may answer NIL right at the end of a message whose size is a multiple
                 // of the chunk: the octets sent are then exactly the listed size. Anywhere else
@@ -908,6 +929,8 @@ mod tests {
         gone: Vec<u32>,
         /// Answer `Gone` (a NIL body, or no FETCH) from this offset on.
         gone_at: Option<u64>,
+        /// Answer with no octets from this offset on.
+        empty_at: Option<u64>,
         commits: std::rc::Rc<std::cell::RefCell<Vec<Vec<u32>>>>,
         commit_fails: bool,
         /// What `prefetch` was told: (length, UIDs).
@@ -953,6 +976,9 @@ mod tests {
             }
             if self.gone_at.is_some_and(|g| off >= g) {
                 return Err(Error::Gone);
+            }
+            if self.empty_at.is_some_and(|e| off >= e) {
+                return Ok(());
             }
             let m = &self.messages.iter().find(|(u, _)| *u == uid).unwrap().1;
             let start = (off as usize).min(m.len());
@@ -1124,6 +1150,18 @@ mod tests {
         let (out, summary) = run_with(f, settings(), &format!("{LOGIN}RETR 3\r\nNOOP\r\n"));
         assert!(out.ends_with(&"x".repeat(100)), "no terminator");
         assert_eq!(summary.outcome, "imap-failed-mid-message");
+        // An empty answer there instead of NIL: the same.
+        let mut f = fake();
+        f.empty_at = Some(RETR_CHUNK);
+        let (out, _) = run_with(f, settings(), &format!("{LOGIN}RETR 3\r\nNOOP\r\n"));
+        assert!(out.ends_with(&"x".repeat(100)), "no terminator");
+        // An empty first answer for a message listed with octets: -ERR, and the session goes on.
+        let mut f = fake();
+        f.empty_at = Some(0);
+        let (out, _) = run_with(f, settings(), &format!("{LOGIN}RETR 1\r\nNOOP\r\n"));
+        assert!(
+            out.ends_with("-ERR [SYS/TEMP] The mail server failed; try again later.\r\n+OK\r\n")
+        );
         // Right at the listed size (a size that is a multiple of the chunk), NIL is the end.
         let mut f = fake();
         f.messages[2].1 = vec![b'y'; 2 * RETR_CHUNK as usize];

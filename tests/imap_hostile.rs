@@ -1067,3 +1067,89 @@ fn core_dumps_are_disabled() {
     }
     check(problems);
 }
+
+/// Over IMAPS the deadline holds below TLS: a server sending its greeting's TLS record one byte
+/// every 0.3 s (each byte well within a socket timeout of its own) still meets `--imap-timeout`.
+/// OpenSSL reads one record with many `recv`s; a timeout per `recv` would let this run for a
+/// dozen seconds here, and for hours with a longer record.
+#[test]
+fn a_tls_record_trickled_byte_by_byte_meets_the_imap_timeout() {
+    use std::io::Read;
+    use std::net::TcpListener;
+    const WITHIN: Duration = Duration::from_secs(6);
+    let pair = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pair.cert.pem()).unwrap();
+    let cert = pair.cert.der().clone();
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(pair.signing_key.serialize_der()).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let Ok((mut tcp, _)) = listener.accept() else {
+                return;
+            };
+            tcp.set_read_timeout(Some(LIMIT)).unwrap();
+            let mut tls = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+            while tls.is_handshaking() {
+                if tls.complete_io(&mut tcp).is_err() {
+                    return;
+                }
+            }
+            tls.writer()
+                .write_all(b"* OK [CAPABILITY IMAP4rev1] ready, slowly\r\n")
+                .unwrap();
+            let mut record = Vec::new();
+            tls.write_tls(&mut record).unwrap();
+            for byte in record {
+                if stop.load(Ordering::Relaxed) || tcp.write_all(&[byte]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(300));
+            }
+            // Whole: then nothing more (the login would wait for its own deadline).
+            let _ = tcp.read(&mut [0; 64]);
+        })
+    };
+    let port = port.to_string();
+    let ca = ca.to_str().unwrap();
+    let bin = std::env::var("AIOPOPD_BIN").unwrap_or_else(|_| BIN.to_string());
+    let mut a = Aiopopd::spawn_with(Command::new(bin).args([
+        "-H",
+        "localhost",
+        "-p",
+        &port,
+        "-s",
+        "--imap-ca",
+        ca,
+        "--imap-timeout",
+        "2",
+        "--allow-plaintext-auth",
+        "--auth-failure-delay",
+        "0",
+    ]));
+    let started = Instant::now();
+    a.send(LOGIN.as_bytes());
+    let (done, _) = watch(&mut a, WITHIN + Duration::from_secs(8), replies(3));
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let got = status_lines(&a.stdout());
+    a.kill9();
+    let _ = server.join();
+    assert!(
+        done && took <= WITHIN && got[2] == TEMP_LOGIN,
+        "after {took:?}: {got:?} (wanted {TEMP_LOGIN:?} within {WITHIN:?})"
+    );
+}

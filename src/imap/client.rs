@@ -38,9 +38,11 @@ pub const MAX_LISTED: usize = 500_000;
 /// A size no message has; beyond it RFC822.SIZE is garbage (and sums can't overflow).
 pub const MAX_SIZE: u64 = 1 << 40;
 /// Listing entries split over several responses and not yet complete.
-const MAX_PENDING: usize = 100_000;
+const MAX_PENDING: usize = 20_000;
 /// Messages left out of the listing that are logged one by one; the rest are counted.
 const MAX_LEFT_OUT_LOGGED: usize = 20;
+/// Challenges in one AUTHENTICATE exchange (SCRAM needs 2, CRAM-MD5 and PLAIN 1).
+pub const MAX_SASL_ROUNDS: usize = 8;
 
 /// How a command failed.
 #[derive(Debug)]
@@ -115,6 +117,8 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Listing {
     pub entries: Vec<Entry>,
+    /// Entries taken in (kept, filtered out or left out): never more than EXISTS.
+    pub seen: u64,
     /// `(description, why)` of the first messages left out.
     pub left_out: Vec<String>,
     pub left_out_count: usize,
@@ -228,6 +232,17 @@ impl<S: Transport> Client<S> {
         clean
     }
 
+    /// A tagged NO as a failure, its code and text as they may be logged.
+    fn refused(&self, code: Option<Code>, text: &str) -> Failure {
+        Failure::No {
+            code: code.map(|c| Code {
+                name: self.scrub(&c.name),
+                args: self.scrub(&c.args),
+            }),
+            text: self.scrub(text),
+        }
+    }
+
     fn broken(&self, what: &str, line: &str) -> Failure {
         Failure::Broken(format!("{what}: {}", self.scrub(line)))
     }
@@ -294,6 +309,8 @@ impl<S: Transport> Client<S> {
                 {
                     return Err(self.timed_out())
                 }
+                // Below TLS the deadline may surface as any error.
+                Err(_) if Instant::now() >= deadline => return Err(self.timed_out()),
                 Err(e) => {
                     return Err(Failure::Broken(format!(
                         "reading from the IMAP server: {e}"
@@ -389,10 +406,7 @@ impl<S: Transport> Client<S> {
                 } if t == tag.as_bytes() => {
                     return match status {
                         Status::Ok => Ok(code),
-                        Status::No => Err(Failure::No {
-                            code,
-                            text: self.scrub(&text),
-                        }),
+                        Status::No => Err(self.refused(code, &text)),
                         _ => Err(self.broken("BAD", &text)),
                     };
                 }
@@ -473,11 +487,15 @@ impl<S: Transport> Client<S> {
                 response.extend_from_slice(user.as_bytes());
                 response.push(0);
                 response.extend_from_slice(password.expose());
-                let response = Secret::new(response);
-                self.authenticate("PLAIN", None, &mut |_| Some(response.expose().to_vec()))
+                // Answered once: a server asking again gets `*`, never the password twice.
+                let mut response = Some(Secret::new(response));
+                self.authenticate("PLAIN", None, &mut |_| {
+                    response.take().map(|r| r.expose().to_vec())
+                })
             }
         };
-        self.redact.clear();
+        // The forms stay (wiped when the client is dropped): the server's text is scrubbed of
+        // them for the whole session.
         r
     }
 
@@ -506,6 +524,7 @@ impl<S: Transport> Client<S> {
         let tag = self.next_tag();
         self.write(format!("{tag} AUTHENTICATE {mechanism}\r\n").as_bytes())?;
         let mut deadline = Instant::now() + self.timeout;
+        let mut rounds = 0;
         loop {
             match self.response(deadline, &no_bodies)? {
                 Response::Continue(text) => {
@@ -522,10 +541,20 @@ impl<S: Transport> Client<S> {
                             proto::MAX_CHALLENGE >> 10
                         )));
                     }
+                    rounds += 1;
+                    if rounds > MAX_SASL_ROUNDS {
+                        return Err(Failure::Broken(format!(
+                            "the IMAP server sent more than {MAX_SASL_ROUNDS} SASL challenges \
+                             (bound MAX_SASL_ROUNDS)"
+                        )));
+                    }
+                    // The time the POP3 client takes to answer is not the server's.
+                    let asked = Instant::now();
                     let reply = match initial.take() {
                         Some(i) if challenge.is_empty() => Some(i),
                         _ => answer(&challenge),
                     };
+                    deadline += asked.elapsed();
                     let mut line = match reply {
                         Some(mut r) => {
                             let mut l = BASE64.encode(&r).into_bytes();
@@ -538,8 +567,6 @@ impl<S: Transport> Client<S> {
                     let sent = self.write(&line);
                     line.zeroize();
                     sent?;
-                    // The client's answer may take a while: the server's reply is what's bounded.
-                    deadline = Instant::now() + self.timeout;
                 }
                 Response::Tagged {
                     tag: t,
@@ -549,15 +576,9 @@ impl<S: Transport> Client<S> {
                 } if t == tag.as_bytes() => {
                     return match status {
                         Status::Ok => Ok(code),
-                        Status::No => Err(Failure::No {
-                            code,
-                            text: self.scrub(&text),
-                        }),
+                        Status::No => Err(self.refused(code, &text)),
                         // A BAD to AUTHENTICATE is a refusal too (Dovecot: a cancelled exchange).
-                        _ => Err(Failure::No {
-                            code,
-                            text: format!("BAD {}", self.scrub(&text)),
-                        }),
+                        _ => Err(self.refused(code, &format!("BAD {text}"))),
                     };
                 }
                 Response::Tagged { text, .. } => {
@@ -629,6 +650,7 @@ impl<S: Transport> Client<S> {
             seq: u32,
             p: Partial,
         ) {
+            listing.seen += 1;
             let what = match p.uid {
                 Some(uid) => format!("UID {uid}"),
                 None => format!("message {seq}"),
@@ -670,7 +692,8 @@ impl<S: Transport> Client<S> {
                 }
                 _ => return,
             };
-            if seq == 0 || seq > exists {
+            // Never more entries than messages: a server repeating a number gets nothing for it.
+            if seq == 0 || seq > exists || listing.seen >= u64::from(exists) {
                 return;
             }
             let Fetch {
@@ -718,8 +741,12 @@ impl<S: Transport> Client<S> {
         let mut rest: Vec<(u32, Partial)> = pending.into_iter().collect();
         rest.sort_by_key(|(seq, _)| *seq);
         for (seq, p) in rest {
-            finish(&mut listing, most, keep, seq, p);
+            if listing.seen < u64::from(exists) {
+                finish(&mut listing, most, keep, seq, p);
+            }
         }
+        // The descriptions quote the server.
+        listing.left_out = listing.left_out.iter().map(|d| self.scrub(d)).collect();
         Ok(listing)
     }
 
@@ -892,8 +919,8 @@ impl<S: Transport> Client<S> {
     /// The answer to the fetch (uid, offset, len): one sent ahead (its body cut to `len` if it
     /// asked for more), or one sent now.
     fn take(&mut self, uid: u32, offset: u64, len: u64) -> Result<Request, Failure> {
-        let deadline = Instant::now() + self.timeout;
         if let Some(i) = self.requests.iter().position(|r| r.at(uid, offset)) {
+            let deadline = Instant::now() + self.timeout;
             self.pump_until(Some(i), deadline, |c| c.requests[i].done.is_some())?;
             let mut r = self.requests.remove(i).expect("the index was just found");
             if r.len >= len && !r.dropped {
@@ -906,6 +933,7 @@ impl<S: Transport> Client<S> {
         }
         self.send(&[(uid, offset, len, len)])?;
         let i = self.requests.len() - 1;
+        let deadline = Instant::now() + self.timeout;
         self.pump_until(Some(i), deadline, |c| c.requests[i].done.is_some())?;
         Ok(self.requests.remove(i).expect("the index was just found"))
     }
@@ -924,7 +952,7 @@ impl<S: Transport> Client<S> {
         let taken = self.take(uid, offset, len);
         let r = self.check(taken)?;
         if let Some(Err((code, text))) = r.done {
-            return Err(Failure::No { code, text });
+            return Err(self.refused(code, &text));
         }
         match r.body {
             Some(body) if out.is_empty() => *out = body,
@@ -1367,6 +1395,53 @@ mod tests {
             .unwrap_err();
         assert!(!e.detail().contains(&b64), "{}", e.detail());
         assert_eq!(sent(&c), format!("a1 AUTHENTICATE PLAIN\r\n{b64}\r\n"));
+    }
+
+    #[test]
+    fn server_text_is_scrubbed_everywhere_and_cleaned() {
+        let pw = Secret::new(b"hunter2secret".to_vec());
+        let mut c = client(b"a1 NO [UNAVAILABLE you sent hunter2secret] no\r\n", 64);
+        let d = c.login("alice", &pw).unwrap_err().detail();
+        assert!(!d.contains("hunter2"), "{d}");
+        // Cut only after scrubbing; still scrubbed after the login.
+        let bye = format!("a1 OK\r\n* BYE {}hunter2secret\r\n", "x".repeat(55));
+        let mut c = client(bye.as_bytes(), 64);
+        c.login("alice", &pw).unwrap();
+        let d = c.capabilities().unwrap_err().detail();
+        assert!(!d.contains("hunter2") && !d.contains("hunter"), "{d}");
+        // A NO to a fetch: control characters replaced, length capped.
+        let no = format!("a1 NO \x1b[31m{}\r\n", "y".repeat(5000));
+        let d = client(no.as_bytes(), 64)
+            .fetch_body(7, 0, 10, &mut Vec::new())
+            .unwrap_err()
+            .detail();
+        assert!(!d.contains('\x1b') && d.len() < 400, "{d}");
+    }
+
+    #[test]
+    fn plain_answers_once_and_challenges_are_counted() {
+        let mut c = client(b"+ \r\n+ \r\na1 NO no\r\n", 64);
+        assert!(c
+            .login("alice", &Secret::new("pä".as_bytes().to_vec()))
+            .is_err());
+        let sent = sent(&c);
+        assert!(sent.ends_with("\r\n*\r\n"), "{sent}");
+        assert_eq!(sent.lines().count(), 3, "{sent}");
+        let mut c = client("+ \r\n".repeat(100).as_bytes(), 64);
+        let r = c.authenticate("SCRAM-SHA-256", None, &mut |_| Some(b"x".to_vec()));
+        assert!(matches!(r, Err(Failure::Broken(t)) if t.contains("MAX_SASL_ROUNDS")));
+    }
+
+    #[test]
+    fn a_listing_never_has_more_entries_than_exists() {
+        let mut script = Vec::new();
+        for uid in 1..=50 {
+            script.extend_from_slice(
+                format!("* 1 FETCH (UID {uid} RFC822.SIZE 1 FLAGS ())\r\n").as_bytes(),
+            );
+        }
+        script.extend_from_slice(b"a1 OK\r\n");
+        assert_eq!(listed(&script, 512, 1, 100).entries.len(), 1);
     }
 
     #[test]

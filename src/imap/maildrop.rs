@@ -5,7 +5,7 @@
 //! one place IMAP failures become maildrop errors, carries it to the log only.
 
 use super::client::{Client, Entry, Failure};
-use super::transport::{self, Stream};
+use super::transport::{self, Stream, Timed};
 use super::{proto, OnDele, Settings};
 use crate::account::{Security, Server, Source};
 use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
@@ -118,7 +118,7 @@ fn connect(
     let where_ = format!("{}:{}", server.host, server.port);
     let tcp = transport::connect(server, timeout).map_err(Error::Temp)?;
     let tls = |tcp| {
-        transport::tls(tcp, &server.host, ca).map_err(|(e, permanent)| match permanent {
+        transport::tls(tcp, &server.host, ca, timeout).map_err(|(e, permanent)| match permanent {
             true => Error::Perm(e),
             false => Error::Temp(e),
         })
@@ -127,7 +127,7 @@ fn connect(
     match server.security {
         Security::Plain | Security::Tls => {
             let stream = match server.security {
-                Security::Plain => Stream::Plain(tcp),
+                Security::Plain => Stream::Plain(Timed::new(tcp, timeout)),
                 _ => tls(tcp)?,
             };
             let mut c = Client::new(stream, timeout);
@@ -135,7 +135,7 @@ fn connect(
             Ok(c)
         }
         Security::StartTls => {
-            let mut c = Client::new(Stream::Plain(tcp), timeout);
+            let mut c = Client::new(Stream::Plain(Timed::new(tcp, timeout)), timeout);
             c.greeting().map_err(|f| to_error(step, f))?;
             let caps = c.capabilities().map_err(|f| to_error(step, f))?;
             if !caps.iter().any(|c| c == "STARTTLS") {
@@ -145,10 +145,10 @@ fn connect(
             }
             c.run(b"STARTTLS", &mut drop)
                 .map_err(|f| to_error(Step::Other(&format!("{where_}: STARTTLS")), f))?;
-            let Stream::Plain(tcp) = c.into_stream().map_err(|f| to_error(step, f))? else {
+            let Stream::Plain(timed) = c.into_stream().map_err(|f| to_error(step, f))? else {
                 unreachable!("STARTTLS starts on a plain stream");
             };
-            Ok(Client::new(tls(tcp)?, timeout))
+            Ok(Client::new(tls(timed.into_tcp())?, timeout))
         }
     }
 }

@@ -359,14 +359,19 @@ impl Decoder {
                 // A body chunk is `BODY[]<origin> {n}` at the top level of a FETCH.
                 let origin =
                     body_origin(&self.text[..at]).filter(|_| depth == 1 && is_fetch(&self.text));
-                let (keep, body) = match origin.map(|o| (o, room(o))) {
-                    Some((_, Some(max))) => {
+                // One body chunk per response is kept, bounded by what was asked; any other
+                // literal (a second body, a body nobody asked for, anything else) counts
+                // against MAX_LITERAL for the whole response, and only non-bodies are kept.
+                let asked = origin
+                    .filter(|_| !self.lits.iter().any(|(_, l)| matches!(l, Lit::Body(_))))
+                    .and_then(room);
+                let (keep, body) = match asked {
+                    Some(max) => {
                         if len > max {
                             return Err(Violation::LiteralTooLong { len, max });
                         }
                         (Some(Vec::with_capacity(len as usize)), true)
                     }
-                    Some((_, None)) => (None, false),
                     None => {
                         if len > MAX_LITERAL || self.lit_total + len > MAX_LITERAL {
                             return Err(Violation::LiteralTooLong {
@@ -375,7 +380,8 @@ impl Decoder {
                             });
                         }
                         self.lit_total += len;
-                        (Some(Vec::with_capacity(len as usize)), false)
+                        let keep = origin.is_none().then(|| Vec::with_capacity(len as usize));
+                        (keep, false)
                     }
                 };
                 // The `{n}` stays in the text to mark where the literal goes.
@@ -398,13 +404,15 @@ impl Decoder {
                 return Ok(None);
             }
         }
-        let text = std::mem::take(&mut self.text);
         let lits = std::mem::take(&mut self.lits);
+        let parsed = parse(&self.text, lits);
+        // The text's buffer is kept for the next response (it is bounded by MAX_LINE).
+        self.text.clear();
         self.line_start = 0;
         self.lit_total = 0;
         self.may_have_literals = None;
         self.depth = 0;
-        parse(&text, lits).map(Some)
+        parsed.map(Some)
     }
 }
 
@@ -458,10 +466,11 @@ fn origin_of(item: &[u8]) -> Option<u64> {
     }
 }
 
-/// Walks one line outside quoted strings: the nesting depth after it, and a literal `{n}` at its
-/// end (position of the brace, length).
+/// Walks one line outside quoted strings, once: the nesting depth after it, and a literal
+/// `{n}` at its end (position of the brace, length).
 fn scan(line: &[u8], mut depth: usize) -> Result<(usize, Option<(usize, u64)>), Violation> {
     let mut i = 0;
+    let mut last_brace = None;
     while i < line.len() {
         match line[i] {
             b'"' => {
@@ -477,26 +486,28 @@ fn scan(line: &[u8], mut depth: usize) -> Result<(usize, Option<(usize, u64)>), 
                 }
             }
             b')' => depth = depth.saturating_sub(1),
-            b'{' => {
-                let end = line[i..].iter().position(|&b| b == b'}').map(|e| i + e);
-                if let Some(end) = end.filter(|&e| e + 1 == line.len()) {
-                    let digits = line[i + 1..end]
-                        .strip_suffix(b"+")
-                        .unwrap_or(&line[i + 1..end]);
-                    let len = number(digits).ok_or_else(|| {
-                        Violation::Malformed(format!(
-                            "literal {}",
-                            crate::log::truncated(&line[i..])
-                        ))
-                    })?;
-                    return Ok((depth, Some((i, len))));
-                }
-            }
+            b'{' => last_brace = Some(i),
             _ => {}
         }
         i += 1;
     }
-    Ok((depth, None))
+    let literal = match (last_brace, line.last()) {
+        (Some(i), Some(b'}')) if i + 1 < line.len() => {
+            let inner = &line[i + 1..line.len() - 1];
+            let digits = inner.strip_suffix(b"+").unwrap_or(inner);
+            let len = number(digits)
+                .ok_or_else(|| Violation::Malformed(format!("literal {}", lossy(&line[i..]))))?;
+            Some((i, len))
+        }
+        _ => None,
+    };
+    Ok((depth, literal))
+}
+
+/// Server bytes as text for a log line. Not cut here: the driver removes the password from it
+/// first, then cuts (a password cut in half would no longer be found).
+fn lossy(s: &[u8]) -> String {
+    String::from_utf8_lossy(&s[..s.len().min(MAX_LINE)]).into_owned()
 }
 
 /// Digits only, as IMAP numbers are; `None` for anything else or an overflow.
@@ -633,13 +644,13 @@ fn parse(text: &[u8], lits: Vec<(usize, Lit)>) -> Result<Response, Violation> {
     }
     let first = match toks.next()? {
         Tok::Atom(a) => a,
-        _ => return Err(Violation::Malformed(crate::log::truncated(text))),
+        _ => return Err(Violation::Malformed(lossy(text))),
     };
     if first != b"*" {
         let tag = first.to_vec();
         let (status, code, text) = status_of(&mut toks)?;
         if !matches!(status, Status::Ok | Status::No | Status::Bad) {
-            return Err(Violation::Malformed(crate::log::truncated(text.as_bytes())));
+            return Err(Violation::Malformed(lossy(text.as_bytes())));
         }
         return Ok(Response::Tagged {
             tag,
@@ -650,13 +661,13 @@ fn parse(text: &[u8], lits: Vec<(usize, Lit)>) -> Result<Response, Violation> {
     }
     let save = toks.pos;
     let Tok::Atom(second) = toks.next()? else {
-        return Err(Violation::Malformed(crate::log::truncated(text)));
+        return Err(Violation::Malformed(lossy(text)));
     };
     if let Some(n) = number(second) {
         let n =
             u32::try_from(n).map_err(|_| Violation::Malformed(format!("message number {n}")))?;
         let Tok::Atom(kind) = toks.next()? else {
-            return Err(Violation::Malformed(crate::log::truncated(text)));
+            return Err(Violation::Malformed(lossy(text)));
         };
         return Ok(match kind.to_ascii_uppercase().as_slice() {
             b"EXISTS" => Response::Exists(n),
@@ -705,12 +716,7 @@ fn status_of(toks: &mut Tokens<'_>) -> Result<(Status, Option<Code>, String), Vi
         b"BAD" => Status::Bad,
         b"BYE" => Status::Bye,
         b"PREAUTH" => Status::Preauth,
-        _ => {
-            return Err(Violation::Malformed(format!(
-                "status {}",
-                crate::log::truncated(s)
-            )))
-        }
+        _ => return Err(Violation::Malformed(format!("status {}", lossy(s)))),
     };
     let rest = toks.rest();
     let (code, text) = match rest.strip_prefix(b"[") {
@@ -757,16 +763,14 @@ fn fetch_items(toks: &mut Tokens<'_>) -> Result<Fetch, Violation> {
                     .filter(|&n| n > 0)
                 {
                     Some(n) => f.uid = f.uid.or(Some(n)),
-                    None => f.garbage.push(format!("UID {}", crate::log::truncated(a))),
+                    None => f.garbage.push(format!("UID {}", lossy(a))),
                 },
                 _ => f.garbage.push("UID without a number".into()),
             },
             b"RFC822.SIZE" => match toks.next()? {
                 Tok::Atom(a) => match number(a) {
                     Some(n) => f.size = f.size.or(Some(n)),
-                    None => f
-                        .garbage
-                        .push(format!("RFC822.SIZE {}", crate::log::truncated(a))),
+                    None => f.garbage.push(format!("RFC822.SIZE {}", lossy(a))),
                 },
                 _ => f.garbage.push("RFC822.SIZE without a number".into()),
             },
@@ -1035,14 +1039,51 @@ mod tests {
 
     #[test]
     fn a_body_nobody_asked_for_is_read_and_dropped() {
-        let mut input = b"* 1 FETCH (UID 1 BODY[]<0> {100000}\r\n".to_vec();
-        input.extend(vec![b'z'; 100_000]);
+        let mut input = b"* 1 FETCH (UID 1 BODY[]<0> {60000}\r\n".to_vec();
+        input.extend(vec![b'z'; 60_000]);
         input.extend_from_slice(b")\r\n* 2 EXISTS\r\n");
         let r = decode(&input, 4096, &none).unwrap();
         assert!(
             matches!(&r[0], Response::Fetch { items, .. } if items.body.is_none() && items.uid == Some(1))
         );
         assert_eq!(r[1], Response::Exists(2));
+        // ... but not past MAX_LITERAL: nobody asked for it.
+        let big = b"* 1 FETCH (UID 1 BODY[]<0> {100000}\r\n";
+        assert!(matches!(
+            decode(big, 99, &none),
+            Err(Violation::LiteralTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn one_body_per_response_is_kept() {
+        // A response repeating a body item can't hold more than one chunk asked for: the
+        // others count against MAX_LITERAL and are not kept.
+        let r = all_splits(
+            b"* 1 FETCH (UID 7 BODY[]<0> {3}\r\nabc BODY[]<0> {3}\r\nxyz)\r\n",
+            &|_| Some(3),
+        )
+        .unwrap();
+        assert!(
+            matches!(&r[0], Response::Fetch { items, .. } if items.body == Some((0, Body::Octets(b"abc".to_vec()))))
+        );
+        let mut many = b"* 1 FETCH (UID 7".to_vec();
+        for _ in 0..5 {
+            many.extend_from_slice(b" BODY[]<0> {30000}\r\n");
+            many.extend(vec![b'b'; 30000]);
+        }
+        many.extend_from_slice(b")\r\n");
+        assert!(matches!(
+            decode(&many, 4096, &|_| Some(30000)),
+            Err(Violation::LiteralTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn braces_cost_one_pass() {
+        // 65,000 `{` once made the literal search quadratic (a second of CPU per response).
+        let braces = [b"* 1 XYZ ".as_slice(), &vec![b'{'; 65_000], b"\r\n"].concat();
+        assert_eq!(decode(&braces, 4096, &none).unwrap(), [Response::Other]);
     }
 
     #[test]

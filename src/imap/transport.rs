@@ -8,11 +8,56 @@ use crate::account::Server;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub enum Stream {
-    Plain(TcpStream),
-    Tls(Box<native_tls::TlsStream<TcpStream>>),
+    Plain(Timed),
+    Tls(Box<native_tls::TlsStream<Timed>>),
+}
+
+/// TCP under a deadline that holds for every `recv`, below TLS: OpenSSL may call `recv` many
+/// times to complete one record (or skip records with no data for us), and a socket timeout
+/// alone would start afresh for each, so a server sending a byte just before each timeout could
+/// stretch one command without end.
+#[derive(Debug)]
+pub struct Timed {
+    tcp: TcpStream,
+    deadline: Instant,
+}
+
+impl Timed {
+    pub fn new(tcp: TcpStream, timeout: Duration) -> Timed {
+        Timed {
+            tcp,
+            deadline: Instant::now() + timeout,
+        }
+    }
+
+    pub fn into_tcp(self) -> TcpStream {
+        self.tcp
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        // Zero would mean "no timeout".
+        self.tcp
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
 }
 
 impl Read for Stream {
@@ -41,12 +86,12 @@ impl Write for Stream {
 
 impl Transport for Stream {
     fn set_read_timeout(&mut self, left: Duration) -> io::Result<()> {
-        let tcp = match self {
+        let timed = match self {
             Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref(),
+            Stream::Tls(s) => s.get_mut(),
         };
-        // Zero would mean "no timeout".
-        tcp.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        timed.deadline = Instant::now() + left;
+        Ok(())
     }
 }
 
@@ -76,8 +121,13 @@ pub fn connect(server: &Server, timeout: Duration) -> Result<TcpStream, String> 
 }
 
 /// TLS 1.2+ over `tcp`, the certificate and host name verified against the system roots and
-/// the certificates in `ca`. `Err` is (what, permanent).
-pub fn tls(tcp: TcpStream, host: &str, ca: Option<&Path>) -> Result<Stream, (String, bool)> {
+/// the certificates in `ca`; the handshake within `timeout`. `Err` is (what, permanent).
+pub fn tls(
+    tcp: TcpStream,
+    host: &str,
+    ca: Option<&Path>,
+    timeout: Duration,
+) -> Result<Stream, (String, bool)> {
     let mut builder = native_tls::TlsConnector::builder();
     builder.min_protocol_version(Some(native_tls::Protocol::Tlsv12));
     if let Some(ca) = ca {
@@ -93,7 +143,7 @@ pub fn tls(tcp: TcpStream, host: &str, ca: Option<&Path>) -> Result<Stream, (Str
         .build()
         .map_err(|e| (format!("TLS setup: {e}"), false))?;
     let tls = connector
-        .connect(host, tcp)
+        .connect(host, Timed::new(tcp, timeout))
         .map_err(|e| (format!("TLS to {host}: {e}"), false))?;
     Ok(Stream::Tls(Box::new(tls)))
 }
