@@ -33,9 +33,9 @@ POP3 side:
       --ssl-generate         create a self-signed pair in those files if both are missing
   -d, --hostname NAME        name in the greeting (default: this host's name)
       --allow-plaintext-auth allow USER/PASS on an unencrypted connection
-      --sasl MECH,...        offer only these SASL mechanisms (default: PLAIN, LOGIN, and
-                             CRAM-MD5, SCRAM-SHA-1/256, XOAUTH2, OAUTHBEARER where the
-                             IMAP server offers them: those are relayed, never decoded)
+      --sasl MECH,...        offer exactly these SASL mechanisms (default: PLAIN, LOGIN);
+                             CRAM-MD5, SCRAM-SHA-1/256, XOAUTH2, OAUTHBEARER are relayed
+                             to the IMAP server (-H), never decoded
       --on-dele ACTION       seen (default), keyword:NAME, expunge, move:FOLDER, keep
       --uidl-format FMT      default %08Xu%08Xv (Dovecot's): %u UID, %v UIDVALIDITY
       --max-messages N       list at most N messages (oldest first)
@@ -194,6 +194,24 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         (false, true) => Security::StartTls,
         (false, false) => Security::Plain,
     };
+    if user_dir.is_some() {
+        let relayed: Vec<&String> = sasl
+            .iter()
+            .flatten()
+            .filter(|m| crate::sasl::is_relayed(m))
+            .collect();
+        if !relayed.is_empty() {
+            return Err(format!(
+                "--sasl {}: relayed mechanisms need a fixed IMAP server (-H); with --user-dir \
+                 the server depends on a user name the exchange doesn't tell beforehand",
+                relayed
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
+        }
+    }
     let source = match (host, user_dir) {
         (Some(host), None) => {
             let server = Server {

@@ -29,13 +29,20 @@ pub enum Error {
     /// The message was removed by another client during the session. The maildrop is still
     /// usable.
     Gone,
+    /// The server can't do what was asked of it (a SASL mechanism it doesn't offer): no login
+    /// was tried.
+    Unsupported(String),
 }
 
 impl Error {
     /// The detail alone, without the kind.
     pub fn detail(&self) -> &str {
         match self {
-            Error::Auth(d) | Error::InUse(d) | Error::Temp(d) | Error::Perm(d) => d,
+            Error::Auth(d)
+            | Error::InUse(d)
+            | Error::Temp(d)
+            | Error::Perm(d)
+            | Error::Unsupported(d) => d,
             Error::Gone => "message no longer exists",
         }
     }
@@ -49,6 +56,7 @@ impl fmt::Display for Error {
             Error::Temp(d) => write!(f, "temporary failure: {d}"),
             Error::Perm(d) => write!(f, "permanent failure: {d}"),
             Error::Gone => f.write_str("message no longer exists"),
+            Error::Unsupported(d) => write!(f, "not supported: {d}"),
         }
     }
 }
@@ -65,14 +73,9 @@ pub trait Backend {
     type Maildrop: Maildrop;
     fn login(&mut self, user: &str, password: &Secret) -> Result<Self::Maildrop, Error>;
 
-    /// SASL mechanisms the server behind runs with the client directly, the exchange relayed
-    /// step by step, so the secret never exists here. May connect to ask the server.
-    fn relayable_mechanisms(&mut self) -> Vec<String> {
-        Vec::new()
-    }
-
-    /// Runs `mechanism` against the server, relaying each challenge to `client`. `initial` is
-    /// the client's initial response, if it sent one with AUTH.
+    /// Runs `mechanism` against the server, relaying each challenge to `client`, so the secret
+    /// never exists here. `initial` is the client's initial response, if it sent one with AUTH.
+    /// `Error::Unsupported` if the server doesn't offer the mechanism.
     fn authenticate(
         &mut self,
         mechanism: &str,

@@ -61,7 +61,7 @@ pub struct Settings {
     pub hostname: String,
     pub allow_plaintext_auth: bool,
     pub uidl_format: UidlFormat,
-    /// `--sasl`: offer only these mechanisms (upper case); `None` offers all that work.
+    /// `--sasl`: offer exactly these mechanisms (upper case); `None`: PLAIN and LOGIN.
     pub sasl: Option<Vec<String>>,
     /// How long a refused login waits before its `-ERR [AUTH]`.
     pub auth_failure_delay: std::time::Duration,
@@ -101,8 +101,6 @@ pub struct Session<B: Backend> {
     summary: Summary,
     bad_commands: u32,
     failed_logins: u32,
-    /// The SASL mechanisms offered, worked out when first needed (it may ask the server).
-    mechanisms: Option<Vec<String>>,
 }
 
 /// How a SASL exchange with the client stopped short.
@@ -197,7 +195,6 @@ impl<B: Backend> Session<B> {
             summary: Summary::default(),
             bad_commands: 0,
             failed_logins: 0,
-            mechanisms: None,
         }
     }
 
@@ -471,30 +468,25 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    /// The mechanisms offered: PLAIN and LOGIN, and those the backend can relay.
-    fn mechanisms(&mut self) -> &[String] {
-        let (backend, settings) = (&mut self.backend, &self.settings);
-        self.mechanisms.get_or_insert_with(|| {
-            let relayable = backend.relayable_mechanisms();
-            let mut m: Vec<String> = sasl::LOCAL.iter().map(|s| s.to_string()).collect();
-            m.extend(
-                sasl::RELAYED
-                    .iter()
-                    .filter(|r| relayable.iter().any(|x| x.eq_ignore_ascii_case(r)))
-                    .map(|s| s.to_string()),
-            );
-            if let Some(allowed) = &settings.sasl {
-                m.retain(|x| allowed.contains(x));
-            }
-            m
-        })
+    /// The mechanisms offered, known without asking the IMAP server: PLAIN and LOGIN, or
+    /// what `--sasl` names (relayed ones only that way: whether the server can complete them
+    /// is its secret until one is tried).
+    fn mechanisms(&self) -> Vec<&'static str> {
+        let all = sasl::LOCAL.iter().chain(sasl::RELAYED.iter());
+        match &self.settings.sasl {
+            None => sasl::LOCAL.to_vec(),
+            Some(named) => all
+                .filter(|m| named.iter().any(|n| n == *m))
+                .copied()
+                .collect(),
+        }
     }
 
     /// RFC 5034 AUTH. PLAIN and LOGIN are decoded here and log in like USER/PASS; the other
     /// mechanisms are relayed to the server, so the secret never exists in this process.
     fn auth<P: Peer>(&mut self, peer: &mut P, auth: Auth) -> io::Result<Next<B::Maildrop>> {
         let mech = auth.mechanism;
-        if !self.mechanisms().contains(&mech) {
+        if !self.mechanisms().contains(&mech.as_str()) {
             return self.bad(
                 peer,
                 "Unsupported authentication mechanism.",
@@ -557,6 +549,15 @@ impl<B: Backend> Session<B> {
                         drop.logout();
                     }
                     return self.sasl_stopped(peer, stop);
+                }
+                if let Err(Error::Unsupported(why)) = &result {
+                    // The administrator's --sasl and the server disagree: not a failed login.
+                    log::warning(&format!("AUTH {mech}: {why}"));
+                    return self.bad(
+                        peer,
+                        "Unsupported authentication mechanism.",
+                        State::Authorization { user: None },
+                    );
                 }
                 let user = first
                     .and_then(|f| sasl_user(&mech, &f))

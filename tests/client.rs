@@ -566,6 +566,8 @@ fn dovecot_stls_with_ca() {
 
 fn aiopopd_args(d: &Dovecot, tls: Option<bool>) -> Vec<String> {
     let mut a = common::pop3::args(d);
+    // Dovecot's passwd-file holds {PLAIN} passwords: CRAM-MD5 can be relayed.
+    a.extend(["--sasl".to_string(), "PLAIN,LOGIN,CRAM-MD5".to_string()]);
     // The certificate is Dovecot's test one, valid for localhost.
     a.retain(|s| s != "pop.test");
     a.retain(|s| s != "-d");

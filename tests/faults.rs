@@ -174,7 +174,7 @@ fn imap_failing_during_update_is_an_err_and_the_log_says_what_was_applied() {
         },
         Case {
             on_dele: "expunge",
-            verb: "CAPABILITY",
+            verb: "SELECT",
             act: Act::Close,
             applied: "",
         },
@@ -227,8 +227,9 @@ fn imap_failing_during_update_is_an_err_and_the_log_says_what_was_applied() {
     });
 }
 
-/// After an update that failed half-way, running the same session again gets the mailbox to
-/// where the first one meant to, and touches nothing else.
+/// After an update that failed half-way, running the same session again is safe: it serves
+/// nothing twice (in expunge mode the messages left marked \Deleted are not listed again; in
+/// seen mode the same messages are listed and marked) and touches nothing else.
 #[test]
 fn a_failed_update_can_be_rerun_safely() {
     let script = format!("{LOGIN}STAT\r\nDELE 1\r\nDELE 2\r\nQUIT\r\n");
@@ -255,14 +256,21 @@ fn a_failed_update_can_be_rerun_safely() {
     ] {
         assert!(line.contains(part), "{part:?} not in {line}");
     }
-    let second = run(&fake, &["--on-dele", "expunge"], &script);
+    // The DELE'd messages are marked \Deleted now, like another client's: the re-run lists
+    // neither (nothing served twice), and touches nothing.
+    let second = run(
+        &fake,
+        &["--on-dele", "expunge"],
+        &format!("{LOGIN}STAT\r\nQUIT\r\n"),
+    );
     let rep = replies(&second);
-    assert_eq!(rep[2], format!("+OK 4 {}", 3 * msg(1).len() + msg(4).len()));
+    assert_eq!(rep[2], format!("+OK 1 {}", msg(3).len()));
     assert!(rep.last().unwrap().starts_with("+OK"), "{rep:?}");
+    let deleted = || vec!["\\Deleted".to_string()];
     assert_eq!(
         fake.inbox(),
-        vec![(3, vec![]), (4, vec!["\\Deleted".to_string()])],
-        "exactly the DELE'd messages are gone; another client's \\Deleted mail stays"
+        vec![(1, deleted()), (2, deleted()), (3, vec![]), (4, deleted())],
+        "nothing expunged by the re-run; nothing else touched"
     );
 
     // Seen mode: the connection drops at the STORE; the re-run lists the same messages.
@@ -650,10 +658,13 @@ fn untagged_no_quota_warning_during_fetch_is_harmless() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Without UIDPLUS a plain EXPUNGE would remove other clients' \Deleted mail too: aiopopd only
-/// marks, and says so in the QUIT reply.
+/// Without UIDPLUS a plain EXPUNGE is the only way to remove mail, and it removes every
+/// `\Deleted` message. So it is sent only when `UID SEARCH DELETED`, just before the update,
+/// finds no other message marked; otherwise the DELE'd messages stay marked, the QUIT reply
+/// says so, and (in expunge and move modes) they are never listed again: not served twice,
+/// never copied twice.
 #[test]
-fn without_uidplus_expunge_mode_never_sends_a_plain_expunge() {
+fn without_uidplus_expunge_is_exact_or_not_done() {
     for (on_dele, marks) in [
         ("expunge", vec!["UID STORE 1 +FLAGS.SILENT (\\Deleted)"]),
         (
@@ -664,18 +675,21 @@ fn without_uidplus_expunge_mode_never_sends_a_plain_expunge() {
             ],
         ),
     ] {
+        // Another client's \Deleted mail (UID 4): no EXPUNGE, ever.
         let fake = three()
             .message_with_flags(&msg(4), &["\\Deleted"])
             .folder("Archive")
             .without("UIDPLUS")
             .without("MOVE")
             .start();
-        let r = run(
-            &fake,
-            &["--on-dele", on_dele],
-            &format!("{LOGIN}DELE 1\r\nQUIT\r\n"),
+        let session = format!("{LOGIN}STAT\r\nDELE 1\r\nQUIT\r\n");
+        let r = run(&fake, &["--on-dele", on_dele], &session);
+        let rep = replies(&r);
+        assert!(
+            rep[2].starts_with("+OK 3 "),
+            "{on_dele}: UID 4 not listed: {rep:?}"
         );
-        let quit = replies(&r).last().unwrap().clone();
+        let quit = rep.last().unwrap().clone();
         assert!(
             quit.starts_with("+OK") && quit.contains("UIDPLUS"),
             "{on_dele}: the QUIT reply says why nothing was expunged: {quit}"
@@ -687,6 +701,43 @@ fn without_uidplus_expunge_mode_never_sends_a_plain_expunge() {
         );
         assert_eq!(fake.mutations(), marks, "{on_dele}");
         assert_eq!(fake.inbox().len(), 4, "{on_dele}: nothing removed");
+        // The next session lists neither: nothing served or copied twice.
+        let r = run(
+            &fake,
+            &["--on-dele", on_dele],
+            &format!("{LOGIN}STAT\r\nDELE 1\r\nQUIT\r\n"),
+        );
+        assert!(
+            replies(&r)[2].starts_with("+OK 2 "),
+            "{on_dele}: {:?}",
+            replies(&r)
+        );
+        if on_dele.starts_with("move") {
+            assert_eq!(fake.folder("Archive"), [1, 2], "each copied once");
+        }
+
+        // No other \Deleted mail: STORE then a plain EXPUNGE, exact.
+        let fake = three()
+            .folder("Archive")
+            .without("UIDPLUS")
+            .without("MOVE")
+            .start();
+        let r = run(
+            &fake,
+            &["--on-dele", on_dele],
+            &format!("{LOGIN}DELE 1\r\nQUIT\r\n"),
+        );
+        let quit = replies(&r).last().unwrap().clone();
+        assert!(!quit.contains("UIDPLUS"), "{on_dele}: {quit}");
+        let mut want = marks.clone();
+        want.push("EXPUNGE");
+        assert_eq!(fake.mutations(), want, "{on_dele}");
+        let left: Vec<u32> = fake.inbox().iter().map(|m| m.0).collect();
+        assert_eq!(
+            left,
+            [2, 3],
+            "{on_dele}: exactly the DELE'd message removed"
+        );
     }
 }
 
@@ -851,12 +902,15 @@ fn other_clients_deleted_mail_survives_expunge_mode_in_dovecot() {
     a.extend(["--on-dele".to_string(), "expunge".to_string()]);
     let r = run_within(
         &a,
-        format!("{LOGIN}STAT\r\nDELE 1\r\nDELE 3\r\nQUIT\r\n").as_bytes(),
+        format!("{LOGIN}STAT\r\nDELE 1\r\nDELE 2\r\nQUIT\r\n").as_bytes(),
         LIMIT,
     );
     r.assert_clean();
     let rep = replies(&r);
-    assert!(rep[2].starts_with("+OK 4 "), "all four are listed: {rep:?}");
+    assert!(
+        rep[2].starts_with("+OK 2 "),
+        "the \\Deleted ones are not listed: {rep:?}"
+    );
     assert!(rep.last().unwrap().starts_with("+OK"), "{rep:?}");
     let flags = d.flags("alice", "INBOX");
     let uids: Vec<u32> = flags.iter().map(|(u, _)| *u).collect();
@@ -951,4 +1005,159 @@ fn a_split_listing_and_a_quoted_body_are_understood() {
     assert!(find(&r.stdout, b"+OK 10 octets\r\nSubject: q\r\n.\r\n").is_some());
     assert_eq!(rep[4], format!("+OK {} octets", m2.len()));
     assert!(rep[5].starts_with("+OK"), "{rep:?}");
+}
+
+/// A server that refuses logins in clear (LOGINDISABLED) is upgraded with STARTTLS when it
+/// offers it (here Dovecot with `disable_plaintext_auth`, reached on 127.0.0.2 so the
+/// connection doesn't count as local), its certificate verified; one that doesn't offer it is a
+/// configuration error: `-ERR [SYS/PERM]` and a log line saying what to set, never `[AUTH]`
+/// nor a `login failed:` line that fail2ban would count against a user with the right password.
+#[test]
+fn logindisabled_is_upgraded_with_starttls_or_refused_as_configuration() {
+    let d =
+        Dovecot::start_with_config("listen = 127.0.0.1, 127.0.0.2\ndisable_plaintext_auth = yes\n");
+    d.deliver("alice", "INBOX", &msg(1));
+    let mut a: Vec<String> = dovecot_args(&d)
+        .into_iter()
+        .map(|s| {
+            if s == "127.0.0.1" {
+                "127.0.0.2".to_string()
+            } else {
+                s
+            }
+        })
+        .collect();
+    // Without the CA the upgrade fails verification: certificates are always checked.
+    let script = format!("{LOGIN}STAT\r\nQUIT\r\n");
+    let r = run_within(&a, script.as_bytes(), LIMIT);
+    assert_eq!(
+        replies(&r)[1],
+        "-ERR [SYS/TEMP] Account is temporarily unavailable; try again later.",
+        "{}",
+        r.stderr
+    );
+    a.extend([
+        "--imap-ca".to_string(),
+        d.ca_cert_path().to_str().unwrap().to_string(),
+    ]);
+    let r = run_within(&a, script.as_bytes(), LIMIT);
+    let rep = replies(&r);
+    assert_eq!(rep[1], "+OK Logged in, 1 messages.", "{}", r.stderr);
+    assert!(rep[2].starts_with("+OK 1 "), "{rep:?}");
+    assert!(
+        d.log_contents().contains("TLS"),
+        "the login went over TLS: {}",
+        d.log_contents()
+    );
+
+    let fake = three().capability("LOGINDISABLED").start();
+    let r = run(&fake, &[], &format!("{LOGIN}QUIT\r\n"));
+    assert_eq!(
+        replies(&r)[1],
+        "-ERR [SYS/PERM] The mailbox can't be served; tell the administrator."
+    );
+    assert!(!r.stderr.contains("login failed"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("LOGINDISABLED") && r.stderr.contains("--imap-starttls"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fake.logins(), 0, "no LOGIN in clear: {:?}", fake.commands());
+}
+
+/// Dovecot advertising only `IMAP4rev1 LITERAL+ SASL-IR LOGIN-REFERRALS ID ENABLE IDLE` (as
+/// servers without UIDPLUS and MOVE do): expunge is exact when no other mail is `\Deleted` and
+/// only marks when some is; move: copies each message once over three sessions; `\Deleted`
+/// mail is not listed. And aiopopd says who it is (RFC 2971 ID), as the server offers ID.
+#[test]
+fn without_uidplus_and_move_in_dovecot_nothing_is_lost_or_doubled() {
+    let d = Dovecot::start_with_config(
+        "imap_capability = IMAP4rev1 LITERAL+ SASL-IR LOGIN-REFERRALS ID ENABLE IDLE\n\
+         imap_id_log = *\n",
+    );
+    d.create_mailbox("alice", "Archive");
+    for i in 1..=3 {
+        d.deliver("alice", "INBOX", &msg(i));
+    }
+    let session = |on_dele: &str, script: &str| {
+        let mut a = dovecot_args(&d);
+        a.extend(["--on-dele".to_string(), on_dele.to_string()]);
+        let r = run_within(&a, format!("{LOGIN}{script}").as_bytes(), LIMIT);
+        r.assert_clean();
+        replies(&r)
+    };
+    // No other \Deleted mail: DELE 1 expunges exactly UID 1.
+    let rep = session("expunge", "DELE 1\r\nQUIT\r\n");
+    assert!(rep.last().unwrap().starts_with("+OK"), "{rep:?}");
+    let uids =
+        |mailbox: &str| -> Vec<u32> { d.flags("alice", mailbox).iter().map(|(u, _)| *u).collect() };
+    assert_eq!(uids("INBOX"), [2, 3]);
+    // Another client marks UID 3 \Deleted: DELE 1 (UID 2) only marks, and says so.
+    d.doveadm(&[
+        "flags",
+        "add",
+        "-u",
+        "alice",
+        "\\Deleted",
+        "mailbox",
+        "INBOX",
+        "uid",
+        "3",
+    ]);
+    let rep = session("expunge", "STAT\r\nDELE 1\r\nQUIT\r\n");
+    assert!(rep[2].starts_with("+OK 1 "), "UID 3 not listed: {rep:?}");
+    assert!(rep.last().unwrap().contains("UIDPLUS"), "{rep:?}");
+    assert_eq!(uids("INBOX"), [2, 3], "nothing expunged");
+    assert!(d
+        .flags("alice", "INBOX")
+        .iter()
+        .all(|(_, f)| f.iter().any(|x| x == "\\Deleted")));
+    let rep = session("expunge", "STAT\r\nQUIT\r\n");
+    assert_eq!(rep[2], "+OK 0 0", "neither is listed again");
+
+    // move: three sessions, each message copied once (UID 4 arrives between sessions).
+    d.deliver("alice", "INBOX", &msg(4));
+    for _ in 0..3 {
+        let rep = session("move:Archive", "DELE 1\r\nQUIT\r\n");
+        assert!(rep.last().unwrap().starts_with("+OK"), "{rep:?}");
+    }
+    assert_eq!(
+        uids("Archive").len(),
+        1,
+        "one copy: {:?}",
+        d.flags("alice", "Archive")
+    );
+    assert!(
+        d.log_contents().contains("name=aiopopd"),
+        "ID was sent: {}",
+        d.log_contents()
+    );
+}
+
+/// A server that hangs up at connect or login (Courier at MAXPERIP says BYE and closes): the
+/// client gets `-ERR [SYS/TEMP]`; the log line says it may be a per-address limit and names the
+/// settings, since every session's IMAP connection comes from this one host.
+#[test]
+fn a_server_dropping_the_connection_points_at_per_address_limits() {
+    for (verb, act) in [
+        (GREETING, Act::Close),
+        (
+            GREETING,
+            Act::Bye("Too many connections from your IP".into()),
+        ),
+        ("LOGIN", Act::Close),
+    ] {
+        let fake = three().on(verb, act.clone()).start();
+        let r = run(&fake, &[], &format!("{LOGIN}QUIT\r\n"));
+        assert_eq!(
+            replies(&r)[1],
+            "-ERR [SYS/TEMP] Account is temporarily unavailable; try again later.",
+            "{verb} {act:?}"
+        );
+        assert!(
+            r.stderr.contains("MAXPERIP") && r.stderr.contains("mail_max_userip_connections"),
+            "{verb} {act:?}: {}",
+            r.stderr
+        );
+    }
 }

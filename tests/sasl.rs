@@ -1,6 +1,7 @@
 //! SASL through aiopopd against a private Dovecot: PLAIN and LOGIN decoded by aiopopd, and
-//! CRAM-MD5 and SCRAM relayed step by step, with the client's answers computed here (Python's
-//! hmac/hashlib), never by aiopopd, which never sees the password.
+//! CRAM-MD5 and SCRAM (offered when `--sasl` names them) relayed step by step, with the
+//! client's answers computed here (Python's hmac/hashlib), never by aiopopd, which never sees
+//! the password.
 
 mod common;
 
@@ -80,11 +81,40 @@ fn dovecot() -> Dovecot {
     d
 }
 
+/// What an administrator whose IMAP server completes the challenge-response mechanisms names.
+const RELAYED: &str = "PLAIN,LOGIN,CRAM-MD5,SCRAM-SHA-1,SCRAM-SHA-256";
+
+fn relay_args(d: &Dovecot) -> Vec<String> {
+    let mut a = args(d);
+    a.extend(["--sasl".to_string(), RELAYED.to_string()]);
+    a
+}
+
+/// CAPA and AUTH list PLAIN and LOGIN, or what --sasl names, and never ask the IMAP server:
+/// a server may advertise mechanisms it can't complete (GNU Mailutils imap4d: CRAM-MD5 and
+/// SCRAM with no stored secrets), and every anonymous CAPA would hold an IMAP connection.
 #[test]
-fn capa_and_auth_list_the_mechanisms_dovecot_offers() {
-    let d = dovecot();
+fn capa_and_auth_offer_plain_and_login_or_what_sasl_names_without_asking_imap() {
+    let fake = common::fakeimap::FakeImap::builder()
+        .capability("AUTH=CRAM-MD5")
+        .capability("AUTH=SCRAM-SHA-256")
+        .start();
     let script = "CAPA\r\nAUTH\r\nQUIT\r\n";
-    let r = replies(&session(&d, &[], script).stdout, script);
+    let mut a = fake.args();
+    let r = replies(&common::pop3::run(&a, script.as_bytes()).stdout, script);
+    assert!(
+        r[1].body_str().contains("SASL PLAIN LOGIN\r\n"),
+        "{}",
+        r[1].body_str()
+    );
+    assert_eq!(r[2].body_str(), "PLAIN\r\nLOGIN\r\n");
+    assert_eq!(
+        fake.connections(),
+        0,
+        "CAPA and AUTH never contact the IMAP server"
+    );
+    a.extend(["--sasl".into(), RELAYED.into()]);
+    let r = replies(&common::pop3::run(&a, script.as_bytes()).stdout, script);
     assert!(
         r[1].body_str()
             .contains("SASL PLAIN LOGIN CRAM-MD5 SCRAM-SHA-1 SCRAM-SHA-256\r\n"),
@@ -95,9 +125,28 @@ fn capa_and_auth_list_the_mechanisms_dovecot_offers() {
         r[2].body_str(),
         "PLAIN\r\nLOGIN\r\nCRAM-MD5\r\nSCRAM-SHA-1\r\nSCRAM-SHA-256\r\n"
     );
-    assert!(!r[1].body_str().contains("-PLUS"));
+    assert_eq!(fake.connections(), 0);
+    let d = dovecot();
     let r = replies(&session(&d, &["--sasl", "cram-md5"], script).stdout, script);
     assert!(r[1].body_str().contains("SASL CRAM-MD5\r\n"));
+}
+
+/// A mechanism --sasl names but the server doesn't advertise: `-ERR`, no AUTHENTICATE sent, and
+/// a warning for the administrator rather than a `login failed:` line that fail2ban counts.
+#[test]
+fn a_mechanism_the_server_does_not_offer_is_unsupported_not_a_failed_login() {
+    let fake = common::fakeimap::FakeImap::builder()
+        .capability("AUTH=CRAM-MD5")
+        .start();
+    let mut a = fake.args();
+    a.extend(["--sasl", RELAYED].map(String::from));
+    let script = "AUTH SCRAM-SHA-1\r\nQUIT\r\n";
+    let out = common::pop3::run(&a, script.as_bytes());
+    let r = replies(&out.stdout, script);
+    assert_eq!(r[1].status, "-ERR Unsupported authentication mechanism.");
+    assert!(!out.stderr.contains("login failed"), "{}", out.stderr);
+    assert!(out.stderr.contains("AUTH=SCRAM-SHA-1"), "{}", out.stderr);
+    assert_eq!(fake.logins(), 0, "{:?}", fake.commands());
 }
 
 #[test]
@@ -131,7 +180,7 @@ fn plain_and_login_work_with_dovecot_and_with_user_dir() {
 #[test]
 fn challenge_response_mechanisms_are_relayed_and_the_password_never_passes() {
     let d = dovecot();
-    let mut a = args(&d);
+    let mut a = relay_args(&d);
     a.push("-v".into());
     let act = Activator::start(true, &a);
     for mech in ["CRAM-MD5", "SCRAM-SHA-1", "SCRAM-SHA-256"] {
@@ -189,7 +238,7 @@ fn sasl_responses_may_be_long_but_are_bounded() {
 #[test]
 fn curl_logs_in_with_cram_md5() {
     let d = dovecot();
-    let act = Activator::start(true, &args(&d));
+    let act = Activator::start(true, &relay_args(&d));
     let out = Command::new("curl")
         .args([
             "-sS",
@@ -344,17 +393,24 @@ fn oauth_tokens_and_their_error_challenge_pass_through_unchanged() {
         "-l",
         "--auth-failure-delay",
         "0",
+        "--sasl",
+        "PLAIN,LOGIN,XOAUTH2,OAUTHBEARER,SCRAM-SHA-256",
     ]
     .map(String::from);
     // user=alice^Aauth=Bearer good^A^A, and the same with a bad token.
     let good = "dXNlcj1hbGljZQFhdXRoPUJlYXJlciBnb29kAQE=";
     let bad = "dXNlcj1hbGljZQFhdXRoPUJlYXJlciBiYWQBAQ==";
-    let script = format!("CAPA\r\nAUTH XOAUTH2 {bad}\r\n\r\nAUTH OAUTHBEARER\r\n*\r\nAUTH XOAUTH2 {good}\r\nQUIT\r\n");
+    let script = format!("CAPA\r\nAUTH XOAUTH2 {bad}\r\n\r\nAUTH OAUTHBEARER\r\n*\r\nAUTH SCRAM-SHA-256\r\nAUTH XOAUTH2 {good}\r\nQUIT\r\n");
     let out = common::pop3::run(&a, script.as_bytes());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("SASL PLAIN LOGIN XOAUTH2 OAUTHBEARER\r\n"),
-        "no -PLUS: {text}"
+        text.contains("SASL PLAIN LOGIN SCRAM-SHA-256 XOAUTH2 OAUTHBEARER\r\n"),
+        "{text}"
+    );
+    // The server offers only SCRAM-SHA-256-PLUS: never taken for SCRAM-SHA-256.
+    assert!(
+        text.contains("-ERR Unsupported authentication mechanism.\r\n"),
+        "{text}"
     );
     assert!(
         text.contains("+ eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=\r\n-ERR [AUTH] Authentication failed.\r\n"),

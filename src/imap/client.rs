@@ -148,8 +148,14 @@ pub struct Client<S> {
     failed: Option<String>,
     timeout: Duration,
     /// Strings removed from the server's text before it reaches a log (the password in its
-    /// forms, while a login is under way).
+    /// forms, from the login on).
     redact: Vec<Secret>,
+    /// The capabilities as last announced (greeting, CAPABILITY, a response code); `None`
+    /// when they may have changed since (after a login that didn't say).
+    caps: Option<Vec<String>>,
+    /// Tags of commands sent ahead whose answer nobody waits for (ID): the next command's
+    /// reading takes their tagged replies in passing.
+    owed: Vec<String>,
 }
 
 impl<S: Transport> Client<S> {
@@ -166,6 +172,8 @@ impl<S: Transport> Client<S> {
             failed: None,
             timeout,
             redact: Vec::new(),
+            caps: None,
+            owed: Vec::new(),
         }
     }
 
@@ -344,6 +352,9 @@ impl<S: Transport> Client<S> {
         let deadline = Instant::now() + self.timeout;
         let r = self.response(deadline, &no_bodies);
         let r = self.check(r)?;
+        if let Response::Status { code, .. } = &r {
+            self.note_caps(code);
+        }
         match r {
             Response::Status {
                 status: Status::Ok, ..
@@ -352,6 +363,11 @@ impl<S: Transport> Client<S> {
                 status: Status::Preauth,
                 ..
             } => Ok(true),
+            Response::Status {
+                status: Status::Bye,
+                text,
+                ..
+            } => self.check(Err(self.broken("the IMAP server said BYE", &text))),
             Response::Status { text, .. } => self.check(Err(self.broken("greeted with", &text))),
             other => self.check(Err(self.broken("greeted with", &format!("{other:?}")))),
         }
@@ -398,6 +414,7 @@ impl<S: Transport> Client<S> {
     ) -> Result<Option<Code>, Failure> {
         loop {
             match self.response(deadline, &no_bodies)? {
+                Response::Tagged { tag: t, .. } if self.owed_reply(&t) => {}
                 Response::Tagged {
                     tag: t,
                     status,
@@ -405,7 +422,10 @@ impl<S: Transport> Client<S> {
                     text,
                 } if t == tag.as_bytes() => {
                     return match status {
-                        Status::Ok => Ok(code),
+                        Status::Ok => {
+                            self.note_caps(&code);
+                            Ok(code)
+                        }
                         Status::No => Err(self.refused(code, &text)),
                         _ => Err(self.broken("BAD", &text)),
                     };
@@ -421,20 +441,69 @@ impl<S: Transport> Client<S> {
                 Response::Continue(_) => {
                     return Err(Failure::Broken("an unexpected continuation request".into()))
                 }
-                r => each(r),
+                Response::Capability(c) => {
+                    self.caps = Some(c.clone());
+                    each(Response::Capability(c))
+                }
+                r => {
+                    if let Response::Status { code, .. } = &r {
+                        self.note_caps(code);
+                    }
+                    each(r)
+                }
             }
         }
     }
 
-    /// The server's capabilities, upper-cased.
-    pub fn capabilities(&mut self) -> Result<Vec<String>, Failure> {
-        let mut caps = Vec::new();
-        self.run(b"CAPABILITY", &mut |r| {
-            if let Response::Capability(c) = r {
-                caps.extend(c);
+    /// A `[CAPABILITY ...]` response code announces them.
+    fn note_caps(&mut self, code: &Option<Code>) {
+        if let Some(c) = code.as_ref().filter(|c| c.name == "CAPABILITY") {
+            let caps = c.args.split_whitespace().map(str::to_ascii_uppercase);
+            self.caps = Some(caps.collect());
+        }
+    }
+
+    /// True (and forgotten) if `tag` is that of a command sent ahead with nobody waiting.
+    fn owed_reply(&mut self, tag: &[u8]) -> bool {
+        match self.owed.iter().position(|t| t.as_bytes() == tag) {
+            Some(i) => {
+                self.owed.swap_remove(i);
+                true
             }
-        })?;
-        Ok(caps)
+            None => false,
+        }
+    }
+
+    /// Sends a command whose answer nobody waits for; the next command takes it in passing.
+    pub fn send_ahead(&mut self, command: &[u8]) -> Result<(), Failure> {
+        self.usable()?;
+        let r = self.drain();
+        self.check(r)?;
+        let tag = self.next_tag();
+        let line = [tag.as_bytes(), b" ", command, b"\r\n"].concat();
+        let r = self.write(&line);
+        self.check(r)?;
+        self.owed.push(tag);
+        Ok(())
+    }
+
+    /// The server's capabilities, upper-cased: as last announced, else asked for.
+    pub fn capabilities(&mut self) -> Result<Vec<String>, Failure> {
+        if let Some(caps) = &self.caps {
+            return Ok(caps.clone());
+        }
+        self.run(b"CAPABILITY", &mut drop)?;
+        Ok(self.caps.clone().unwrap_or_default())
+    }
+
+    /// After a login: the capabilities change, unless its OK announced them.
+    fn logged_in(&mut self, r: Result<Option<Code>, Failure>) -> Result<Option<Code>, Failure> {
+        if let Ok(code) = &r {
+            if code.as_ref().is_none_or(|c| c.name != "CAPABILITY") {
+                self.caps = None;
+            }
+        }
+        r
     }
 
     /// The forms of a password a server could echo back.
@@ -496,7 +565,7 @@ impl<S: Transport> Client<S> {
         };
         // The forms stay (wiped when the client is dropped): the server's text is scrubbed of
         // them for the whole session.
-        r
+        self.logged_in(r)
     }
 
     /// AUTHENTICATE `mechanism`: each challenge (decoded, at most [`proto::MAX_CHALLENGE`]) goes
@@ -512,7 +581,8 @@ impl<S: Transport> Client<S> {
         let r = self.drain();
         self.check(r)?;
         let r = self.authenticate_once(mechanism, initial, answer);
-        self.check(r)
+        let r = self.check(r);
+        self.logged_in(r)
     }
 
     fn authenticate_once(
@@ -842,6 +912,7 @@ impl<S: Transport> Client<S> {
                     .max()
             })?;
             let (uid, origin, body) = match response {
+                Response::Tagged { tag, .. } if self.owed_reply(&tag) => continue,
                 Response::Tagged {
                     tag,
                     status,

@@ -8,10 +8,10 @@ use super::client::{Client, Entry, Failure};
 use super::transport::{self, Stream, Timed};
 use super::{proto, OnDele, Settings};
 use crate::account::{Security, Server, Source};
+use crate::log;
 use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
 use crate::secret::Secret;
-use crate::{log, sasl};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Body fetches sent ahead (see `Maildrop::prefetch`) expect at most this many octets in all
 /// (by the listed sizes; the nearest message is sent whatever its size), and answers read
@@ -24,10 +24,6 @@ use std::time::{Duration, Instant};
 const PREFETCH_BUDGET: u64 = 512 << 10;
 /// ... and are at most this many commands.
 const PREFETCH_MOST: usize = 64;
-/// A connection opened early (CAPA/AUTH before login) is used for the login only this long:
-/// servers close idle connections that haven't logged in (Dovecot after a minute or so), while
-/// a POP3 client may wait 10 minutes between CAPA and PASS.
-const EARLY_FRESH: Duration = Duration::from_secs(30);
 
 type Conn = Client<Stream>;
 
@@ -65,35 +61,29 @@ fn to_error(step: Step<'_>, f: Failure) -> Error {
 
 pub struct ImapBackend {
     settings: Settings,
-    /// A connection opened early to learn the SASL mechanisms, kept for the login that follows.
-    early: Option<(Conn, Instant)>,
 }
 
 impl ImapBackend {
     pub fn new(settings: Settings) -> ImapBackend {
-        ImapBackend {
-            settings,
-            early: None,
-        }
+        ImapBackend { settings }
     }
 
-    /// The connection for this server: the one opened early, if fresh and to the same
-    /// server, or a new one.
-    fn conn(&mut self, server: &Server) -> Result<Conn, Error> {
-        match self.early.take() {
-            Some((c, at))
-                if at.elapsed() < EARLY_FRESH
-                    && matches!(&self.settings.accounts.source, Source::Fixed(s) if s == server) =>
-            {
-                Ok(c)
-            }
-            _ => connect(server, self.settings.timeout, self.settings.ca.as_deref()),
+    /// A connection to `server` ready for a login: TLS or STARTTLS as configured, and
+    /// STARTTLS too where the server refuses logins in clear (LOGINDISABLED).
+    fn conn(&self, server: &Server) -> Result<Conn, Error> {
+        let (timeout, ca) = (self.settings.timeout, self.settings.ca.as_deref());
+        let c = connect(server, timeout, ca)?;
+        if server.security != Security::Plain {
+            return Ok(c);
         }
+        ready_for_login(c, server, timeout, ca)
     }
 
-    /// After LOGIN or AUTHENTICATE: open the mailbox and take the snapshot.
+    /// After LOGIN or AUTHENTICATE: say who we are if asked, open the mailbox and take the
+    /// snapshot.
     fn open_maildrop(&self, mut client: Conn, mailbox: String) -> Result<ImapMaildrop, Error> {
         let s = &self.settings;
+        identify(&mut client);
         match open(&mut client, &mailbox, &s.on_dele, s.max_messages) {
             Ok(snapshot) => Ok(ImapMaildrop {
                 client,
@@ -109,6 +99,23 @@ impl ImapBackend {
     }
 }
 
+/// Where a server drops the connection at connect or login, a limit on connections from one
+/// address is the usual cause: every session comes from this host.
+const LIMIT_HINT: &str = "(if this happens with many sessions at once, it may be the IMAP \
+    server's limit on connections from one address: Dovecot mail_max_userip_connections, \
+    Courier MAXPERIP, Cyrus maxlogins_per_host; see the README, \"Several sessions at once\")";
+
+/// The greeting failed or the server hung up at login: the detail, with [`LIMIT_HINT`] when
+/// the server went away.
+fn dropped(step: Step<'_>, f: Failure) -> Error {
+    let went_away = matches!(&f, Failure::Broken(t) if t.contains("closed the connection")
+        || t.contains("said BYE"));
+    match to_error(step, f) {
+        Error::Temp(d) if went_away => Error::Temp(format!("{d} {LIMIT_HINT}")),
+        e => e,
+    }
+}
+
 /// Connects, with TLS or STARTTLS as configured, and reads the greeting.
 fn connect(
     server: &Server,
@@ -117,39 +124,101 @@ fn connect(
 ) -> Result<Conn, Error> {
     let where_ = format!("{}:{}", server.host, server.port);
     let tcp = transport::connect(server, timeout).map_err(Error::Temp)?;
-    let tls = |tcp| {
-        transport::tls(tcp, &server.host, ca, timeout).map_err(|(e, permanent)| match permanent {
-            true => Error::Perm(e),
-            false => Error::Temp(e),
-        })
-    };
     let step = Step::Other(&where_);
+    let stream = match server.security {
+        Security::Tls => tls(tcp, server, timeout, ca)?,
+        Security::Plain | Security::StartTls => Stream::Plain(Timed::new(tcp, timeout)),
+    };
+    let mut c = Client::new(stream, timeout);
+    c.greeting().map_err(|f| dropped(step, f))?;
     match server.security {
-        Security::Plain | Security::Tls => {
-            let stream = match server.security {
-                Security::Plain => Stream::Plain(Timed::new(tcp, timeout)),
-                _ => tls(tcp)?,
-            };
-            let mut c = Client::new(stream, timeout);
-            c.greeting().map_err(|f| to_error(step, f))?;
-            Ok(c)
-        }
-        Security::StartTls => {
-            let mut c = Client::new(Stream::Plain(Timed::new(tcp, timeout)), timeout);
-            c.greeting().map_err(|f| to_error(step, f))?;
-            let caps = c.capabilities().map_err(|f| to_error(step, f))?;
-            if !caps.iter().any(|c| c == "STARTTLS") {
-                return Err(Error::Temp(format!(
-                    "{where_}: the server does not offer STARTTLS"
-                )));
-            }
-            c.run(b"STARTTLS", &mut drop)
-                .map_err(|f| to_error(Step::Other(&format!("{where_}: STARTTLS")), f))?;
-            let Stream::Plain(timed) = c.into_stream().map_err(|f| to_error(step, f))? else {
-                unreachable!("STARTTLS starts on a plain stream");
-            };
-            Ok(Client::new(tls(timed.into_tcp())?, timeout))
-        }
+        Security::StartTls => starttls(c, server, timeout, ca),
+        _ => Ok(c),
+    }
+}
+
+fn tls(
+    tcp: std::net::TcpStream,
+    server: &Server,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> Result<Stream, Error> {
+    transport::tls(tcp, &server.host, ca, timeout).map_err(|(e, permanent)| match permanent {
+        true => Error::Perm(e),
+        false => Error::Temp(e),
+    })
+}
+
+/// STARTTLS on a connection that has read its greeting: the certificate verified as for
+/// `-s`; never a fallback to clear text.
+fn starttls(
+    mut c: Conn,
+    server: &Server,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> Result<Conn, Error> {
+    let where_ = format!("{}:{}", server.host, server.port);
+    let step = Step::Other(&where_);
+    let caps = c.capabilities().map_err(|f| to_error(step, f))?;
+    if !caps.iter().any(|c| c == "STARTTLS") {
+        return Err(Error::Temp(format!(
+            "{where_}: the server does not offer STARTTLS"
+        )));
+    }
+    c.run(b"STARTTLS", &mut drop)
+        .map_err(|f| to_error(Step::Other(&format!("{where_}: STARTTLS")), f))?;
+    let Stream::Plain(timed) = c.into_stream().map_err(|f| to_error(step, f))? else {
+        unreachable!("STARTTLS starts on a plain stream");
+    };
+    Ok(Client::new(
+        tls(timed.into_tcp(), server, timeout, ca)?,
+        timeout,
+    ))
+}
+
+/// A clear-text connection where the server refuses logins in clear (LOGINDISABLED): upgraded
+/// with STARTTLS if it offers that, else a configuration error, never a failed login (a user
+/// with the right password must not be counted, and banned, for the server's policy).
+fn ready_for_login(
+    mut c: Conn,
+    server: &Server,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> Result<Conn, Error> {
+    let where_ = format!("{}:{}", server.host, server.port);
+    let caps = c
+        .capabilities()
+        .map_err(|f| to_error(Step::Other(&where_), f))?;
+    if !caps.iter().any(|c| c == "LOGINDISABLED") {
+        return Ok(c);
+    }
+    if caps.iter().any(|c| c == "STARTTLS") {
+        log::debug(&format!(
+            "{where_} refuses logins in clear (LOGINDISABLED): upgrading with STARTTLS \
+             (--imap-starttls says so up front)"
+        ));
+        return starttls(c, server, timeout, ca);
+    }
+    Err(Error::Perm(format!(
+        "{where_} refuses logins in clear (LOGINDISABLED) and offers no STARTTLS: use -s \
+         (IMAPS, usually port 993) or --imap-starttls, or allow clear-text logins on the \
+         server (Dovecot disable_plaintext_auth = no, Cyrus allowplaintext: yes, Courier \
+         IMAP_TLS_REQUIRED=0)"
+    )))
+}
+
+/// RFC 2971 ID, when the server offers it: some refuse SELECT until a client has said who it
+/// is (163.com: `Unsafe Login`). Sent ahead of the next command, so it costs no round trip.
+fn identify(client: &mut Conn) {
+    let offered = client
+        .capabilities()
+        .is_ok_and(|caps| caps.iter().any(|c| c == "ID"));
+    if offered {
+        let id = format!(
+            "ID (\"name\" \"aiopopd\" \"version\" \"{}\")",
+            env!("CARGO_PKG_VERSION")
+        );
+        let _ = client.send_ahead(id.as_bytes());
     }
 }
 
@@ -158,7 +227,6 @@ impl Backend for ImapBackend {
 
     fn login(&mut self, user: &str, password: &Secret) -> Result<ImapMaildrop, Error> {
         let account = self.settings.accounts.lookup(user)?;
-        let mut client = self.conn(&account.server)?;
         let pw = password.expose();
         if account
             .username
@@ -169,43 +237,15 @@ impl Backend for ImapBackend {
             // The session refuses these first; this is the second lock on the door.
             return Err(Error::Auth("credentials contain CR, LF or NUL".into()));
         }
+        let mut client = self.conn(&account.server)?;
         client
             .login(&account.username, password)
-            .map_err(|f| to_error(Step::Login, f))?;
+            .map_err(|f| dropped(Step::Login, f))?;
         self.open_maildrop(client, account.mailbox)
     }
 
-    /// Only with a fixed server: with --user-dir the server depends on a user name that a
-    /// relayed exchange doesn't tell us beforehand.
-    fn relayable_mechanisms(&mut self) -> Vec<String> {
-        let Source::Fixed(server) = &self.settings.accounts.source else {
-            return Vec::new();
-        };
-        let server = server.clone();
-        let mut client = match self.conn(&server) {
-            Ok(c) => c,
-            Err(e) => {
-                log::warning(&format!(
-                    "asking the IMAP server for its SASL mechanisms: {e}"
-                ));
-                return Vec::new();
-            }
-        };
-        let mechs = match client.capabilities() {
-            Ok(caps) => sasl::RELAYED
-                .iter()
-                .filter(|m| caps.contains(&format!("AUTH={m}")))
-                .map(|m| m.to_string())
-                .collect(),
-            Err(f) => {
-                log::warning(&format!("IMAP CAPABILITY: {}", f.detail()));
-                return Vec::new();
-            }
-        };
-        self.early = Some((client, Instant::now()));
-        mechs
-    }
-
+    /// Only with a fixed server (config refuses relayed mechanisms with --user-dir: the server
+    /// depends on a user name that a relayed exchange doesn't tell beforehand).
     fn authenticate(
         &mut self,
         mechanism: &str,
@@ -219,10 +259,19 @@ impl Backend for ImapBackend {
         };
         let server = server.clone();
         let mut conn = self.conn(&server)?;
+        let caps = conn.capabilities().map_err(|f| to_error(Step::Login, f))?;
+        if !caps.iter().any(|c| c == &format!("AUTH={mechanism}")) {
+            conn.logout();
+            return Err(Error::Unsupported(format!(
+                "--sasl offers {mechanism}, but the IMAP server at {}:{} doesn't advertise \
+                 AUTH={mechanism}",
+                server.host, server.port
+            )));
+        }
         conn.authenticate(mechanism, initial, &mut |challenge| {
             client.challenge(challenge)
         })
-        .map_err(|f| to_error(Step::Login, f))?;
+        .map_err(|f| dropped(Step::Login, f))?;
         let mailbox = self.settings.accounts.mailbox.clone();
         self.open_maildrop(conn, mailbox)
     }
@@ -270,11 +319,14 @@ fn open(
             messages: Vec::new(),
         });
     }
-    // The flag that takes a message out of the listing, if any.
+    // The flag that takes a message out of the listing, if any. `\Deleted` mail is gone as
+    // far as expunge and move are concerned (left so where an exact EXPUNGE was impossible):
+    // listing it again would serve it twice, or copy it twice.
     let (interest, hide): (Vec<&str>, bool) = match on_dele {
         OnDele::Seen => (vec!["\\Seen"], true),
         OnDele::Keyword(k) => (vec![k.as_str()], true),
-        OnDele::Expunge | OnDele::Move(_) | OnDele::Keep => (vec![], false),
+        OnDele::Expunge | OnDele::Move(_) => (vec!["\\Deleted"], true),
+        OnDele::Keep => (vec![], false),
     };
     let listed = |e: &Entry| !(hide && e.marks & 1 != 0);
     let listing = client
@@ -331,6 +383,7 @@ impl ImapMaildrop {
     /// server has said OK to it.
     fn apply(
         &mut self,
+        deleted: &[u32],
         set: &str,
         applied: &mut Vec<String>,
     ) -> Result<Option<&'static str>, Error> {
@@ -354,6 +407,29 @@ impl ImapMaildrop {
             }
             _ => (false, false),
         };
+        // Without UIDPLUS only a plain EXPUNGE removes mail, and it removes every \Deleted
+        // message: exact only if no other message carries \Deleted just before the update.
+        let exact_expunge = match &self.on_dele {
+            OnDele::Expunge | OnDele::Move(_) if !uidplus && !has_move => {
+                let marked = c
+                    .uid_search("DELETED")
+                    .map_err(|f| to_error(Step::Other("UID SEARCH DELETED"), f))?;
+                let others: Vec<u32> = marked
+                    .into_iter()
+                    .filter(|u| !deleted.contains(u))
+                    .collect();
+                if !others.is_empty() {
+                    log::info(&format!(
+                        "{}: no UIDPLUS, and UIDs {} are marked \\Deleted by another client: \
+                         the DELE'd messages are only marked \\Deleted (never listed again)",
+                        self.mailbox,
+                        proto::uid_set(&others)
+                    ));
+                }
+                others.is_empty()
+            }
+            _ => false,
+        };
         let mut step = |verb: &str, args: String| -> Result<(), Error> {
             let shown = format!("UID {verb} {set} {args}");
             c.uid_command(verb, set, &args)
@@ -375,10 +451,16 @@ impl ImapMaildrop {
                 step("STORE", "+FLAGS.SILENT (\\Deleted)".into())?;
                 if uidplus {
                     step("EXPUNGE", String::new())?;
+                } else if exact_expunge {
+                    c.run(b"EXPUNGE", &mut drop)
+                        .map_err(|f| to_error(Step::Other("EXPUNGE"), f))?;
+                    applied.push("EXPUNGE".into());
                 } else {
                     // A plain EXPUNGE would also remove other clients' \Deleted mail.
-                    remark =
-                        Some("marked \\Deleted but not expunged: the IMAP server lacks UIDPLUS");
+                    remark = Some(
+                        "marked \\Deleted but not expunged: the IMAP server lacks UIDPLUS \
+                         and other mail is marked \\Deleted",
+                    );
                 }
             }
         }
@@ -416,7 +498,7 @@ impl Maildrop for ImapMaildrop {
         }
         let set = proto::uid_set(deleted);
         let mut applied: Vec<String> = Vec::new();
-        match self.apply(&set, &mut applied) {
+        match self.apply(deleted, &set, &mut applied) {
             Ok(remark) => {
                 log::info(&format!(
                     "update of UIDs {set} in {} applied: [{}]",

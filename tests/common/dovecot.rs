@@ -81,6 +81,18 @@ impl Dovecot {
     /// Starts an instance with these users and `{PLAIN}` passwords.
     /// Panics (with Dovecot's log) if Dovecot cannot be started.
     pub fn start_with_users(users: &[(&str, &str)]) -> Dovecot {
+        Dovecot::start_configured(users, "")
+    }
+
+    /// Starts an instance with `alice` and these lines added to the configuration (later
+    /// settings win): e.g. `imap_capability = IMAP4rev1` for a server without UIDPLUS and
+    /// MOVE, or `listen = 127.0.0.1, 127.0.0.2` with `disable_plaintext_auth = yes` for one
+    /// that refuses logins in clear (connections to 127.0.0.2 don't count as local).
+    pub fn start_with_config(extra: &str) -> Dovecot {
+        Dovecot::start_configured(&[("alice", "alice-pw")], extra)
+    }
+
+    fn start_configured(users: &[(&str, &str)], extra: &str) -> Dovecot {
         for (user, password) in users {
             assert!(
                 !user.is_empty()
@@ -101,7 +113,7 @@ impl Dovecot {
             .collect();
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Dovecot::try_start(&users) {
+            match Dovecot::try_start(&users, extra) {
                 Ok(dovecot) => return dovecot,
                 Err(e) if e.port_clash => last = e.message,
                 Err(e) => panic!("{}", e.message),
@@ -110,7 +122,7 @@ impl Dovecot {
         panic!("Dovecot did not start after {START_ATTEMPTS} attempts (port clashes):\n{last}");
     }
 
-    fn try_start(users: &[(String, String)]) -> Result<Dovecot, StartError> {
+    fn try_start(users: &[(String, String)], extra: &str) -> Result<Dovecot, StartError> {
         let accounts = accounts();
         let dir = tempfile::Builder::new()
             .prefix("dovecot-")
@@ -208,6 +220,7 @@ service pop3-login {{
 service anvil {{
   chroot =
 }}
+{extra}
 "#,
             mail_uid = accounts.mail_uid,
             mail_gid = accounts.mail_gid,
@@ -323,7 +336,7 @@ service anvil {{
     }
 
     /// The self-signed certificate (PEM) that IMAPS, POP3S and STARTTLS/STLS present; trust it as
-    /// a CA. Its names are `localhost` and `127.0.0.1`.
+    /// a CA. Its names are `localhost`, `127.0.0.1` and `127.0.0.2`.
     pub fn ca_cert_path(&self) -> &Path {
         &self.cert
     }
@@ -763,7 +776,10 @@ fn self_signed_cert() -> (&'static [u8], &'static [u8]) {
                 "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
             ])
             .args(["-subj", "/CN=localhost"])
-            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .args([
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")

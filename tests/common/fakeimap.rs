@@ -887,6 +887,7 @@ impl Conn {
             "UID STORE" | "STORE" => self.store(tag, verb == "UID STORE", args),
             "UID EXPUNGE" | "EXPUNGE" => self.expunge(tag, verb == "UID EXPUNGE", args),
             "UID MOVE" | "UID COPY" => self.copy(tag, verb == "UID MOVE", args),
+            "UID SEARCH" => self.search(tag, args),
             "CLOSE" | "UNSELECT" => {
                 self.selected = None;
                 ok("Closed.")
@@ -1069,6 +1070,30 @@ impl Conn {
         drop(s);
         a.bytes
             .extend(tagged(tag, "OK", "Expunge completed.").bytes);
+        a
+    }
+
+    /// `UID SEARCH DELETED` (the one search aiopopd makes) or `ALL`.
+    fn search(&mut self, tag: &str, args: &str) -> Answer {
+        if self.selected.is_none() {
+            return tagged(tag, "BAD", "No mailbox selected.");
+        }
+        let want_deleted = match args.to_ascii_uppercase().as_str() {
+            "DELETED" => true,
+            "ALL" => false,
+            _ => return tagged(tag, "BAD", "Unsupported search."),
+        };
+        let s = self.state();
+        let uids: Vec<String> = s
+            .inbox
+            .iter()
+            .filter(|m| !want_deleted || m.flags.iter().any(|f| f == "\\Deleted"))
+            .map(|m| m.uid.to_string())
+            .collect();
+        drop(s);
+        let mut a = Answer::default();
+        a.line(format!("* SEARCH {}", uids.join(" ")).trim_end());
+        a.bytes.extend(tagged(tag, "OK", "Search completed.").bytes);
         a
     }
 
