@@ -347,6 +347,7 @@ fn on_dele_keep_changes_nothing_and_lists_everything() {
 fn a_session_that_ends_without_quit_changes_nothing() {
     let d = Dovecot::start();
     three(&d);
+    d.create_mailbox("alice", "Archive");
     for mode in ["seen", "expunge", "move:Archive"] {
         let r = run(
             &d,
@@ -509,4 +510,49 @@ fn a_bad_command_line_answers_the_client_with_sys_perm() {
         "-ERR [SYS/PERM] aiopopd is misconfigured; see the server log.\r\n"
     );
     assert!(out.stderr.contains("--on-dele \"shred\""));
+}
+
+/// Names as the user writes them, on a server that keeps personal folders under `INBOX.` with
+/// `.` between levels (Cyrus and Courier do; here Dovecot set up the same way): `--mailbox
+/// Archive/2026` and `move:Archive` find `INBOX.Archive.2026` and `INBOX.Archive`; `move:\Junk`
+/// finds the folder the server marks `\Junk`; a target that doesn't exist is refused at login
+/// (`-ERR [SYS/PERM]`), not at QUIT after the client took the mail.
+#[test]
+fn folder_names_follow_the_servers_namespace_and_special_use() {
+    let d = Dovecot::start_with_config(
+        "namespace inbox {\n  inbox = yes\n  prefix = INBOX.\n  separator = .\n  \
+         mailbox Spam {\n    special_use = \\Junk\n  }\n}\n",
+    );
+    for m in ["INBOX.Archive", "INBOX.Archive.2026", "INBOX.Spam"] {
+        d.create_mailbox("alice", m);
+    }
+    d.deliver("alice", "INBOX.Archive.2026", b"Subject: old\r\n\r\nx\r\n");
+    three(&d);
+    let r = run(
+        &d,
+        &["--mailbox", "Archive/2026"],
+        &format!("{LOGIN}STAT\r\nQUIT\r\n"),
+    );
+    assert!(r[3].status.starts_with("+OK 1 "), "{r:?}");
+    for (target, folder) in [
+        ("move:Archive", "INBOX.Archive"),
+        ("move:\\Junk", "INBOX.Spam"),
+    ] {
+        let r = run(
+            &d,
+            &["--on-dele", target],
+            &format!("{LOGIN}DELE 1\r\nQUIT\r\n"),
+        );
+        assert!(r.iter().all(Reply::ok), "{target}: {r:?}");
+        assert_eq!(d.flags("alice", folder).len(), 1, "{target}");
+    }
+    let before = d.flags("alice", "INBOX");
+    for target in ["move:Attic", "move:\\Archive"] {
+        let r = run(&d, &["--on-dele", target], &format!("{LOGIN}QUIT\r\n"));
+        assert_eq!(
+            r[2].status, "-ERR [SYS/PERM] The mailbox can't be served; tell the administrator.",
+            "{target}"
+        );
+    }
+    assert_eq!(d.flags("alice", "INBOX"), before);
 }

@@ -97,6 +97,17 @@ impl Request {
     }
 }
 
+/// Mailboxes kept from one LIST.
+pub const MAX_LISTED_MAILBOXES: usize = 10_000;
+
+/// One mailbox of a LIST: its name as the server writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxEntry {
+    pub attributes: Vec<String>,
+    pub delimiter: Option<String>,
+    pub name: String,
+}
+
 /// What SELECT/EXAMINE told us.
 #[derive(Debug, Default)]
 pub struct Selected {
@@ -665,11 +676,12 @@ impl<S: Transport> Client<S> {
     }
 
     /// SELECT or EXAMINE.
+    /// SELECT or EXAMINE `mailbox`, named as the server writes it (modified UTF-7).
     pub fn select(&mut self, examine: bool, mailbox: &str) -> Result<Selected, Failure> {
         let verb = if examine { "EXAMINE" } else { "SELECT" };
         let mut s = Selected::default();
         self.run(
-            format!("{verb} {}", proto::mailbox(mailbox)).as_bytes(),
+            format!("{verb} {}", proto::wire_mailbox(mailbox)).as_bytes(),
             &mut |r| match r {
                 Response::Exists(n) => s.exists = n,
                 Response::Status { code: Some(c), .. } => match c.name.as_str() {
@@ -687,6 +699,48 @@ impl<S: Transport> Client<S> {
             },
         )?;
         Ok(s)
+    }
+
+    /// The first personal namespace (RFC 2342): its prefix and delimiter as the server writes
+    /// them; `None` if the server has no NAMESPACE.
+    pub fn namespace(&mut self) -> Result<Option<(String, Option<String>)>, Failure> {
+        if !self.capabilities()?.iter().any(|c| c == "NAMESPACE") {
+            return Ok(None);
+        }
+        let mut found = None;
+        self.run(b"NAMESPACE", &mut |r| {
+            if let Response::Namespace(personal) = r {
+                found = personal
+                    .into_iter()
+                    .next()
+                    .map(|(p, d)| (String::from_utf8_lossy(&p).into_owned(), d));
+            }
+        })?;
+        Ok(found)
+    }
+
+    /// `LIST "" pattern`, the pattern as the server writes names: the mailboxes found, at most
+    /// [`MAX_LISTED_MAILBOXES`].
+    pub fn list_mailboxes(&mut self, pattern: &str) -> Result<Vec<MailboxEntry>, Failure> {
+        let mut found = Vec::new();
+        let cmd = format!("LIST \"\" {}", proto::wire_mailbox(pattern));
+        self.run(cmd.as_bytes(), &mut |r| {
+            if let Response::List {
+                attributes,
+                delimiter,
+                name,
+            } = r
+            {
+                if found.len() < MAX_LISTED_MAILBOXES {
+                    found.push(MailboxEntry {
+                        attributes,
+                        delimiter,
+                        name: String::from_utf8_lossy(&name).into_owned(),
+                    });
+                }
+            }
+        })?;
+        Ok(found)
     }
 
     /// `FETCH 1:* (UID RFC822.SIZE FLAGS)`: the messages for which `keep` says yes, at most

@@ -4,7 +4,7 @@
 //! touches exactly the DELE'd UIDs. IMAP text never reaches the POP3 client: [`to_error`], the
 //! one place IMAP failures become maildrop errors, carries it to the log only.
 
-use super::client::{Client, Entry, Failure};
+use super::client::{Client, Entry, Failure, MailboxEntry};
 use super::transport::{self, Stream, Timed};
 use super::{proto, OnDele, Settings};
 use crate::account::{Security, Server, Source};
@@ -84,10 +84,21 @@ impl ImapBackend {
     fn open_maildrop(&self, mut client: Conn, mailbox: String) -> Result<ImapMaildrop, Error> {
         let s = &self.settings;
         identify(&mut client);
-        match open(&mut client, &mailbox, &s.on_dele, s.max_messages) {
-            Ok(snapshot) => Ok(ImapMaildrop {
+        let mut opened = || -> Result<_, Error> {
+            let mailbox = resolve(&mut client, &mailbox)?;
+            // The target is checked now, not at QUIT after the client took the mail.
+            let move_to = match &s.on_dele {
+                OnDele::Move(folder) => Some(resolve(&mut client, folder)?),
+                _ => None,
+            };
+            let snapshot = open(&mut client, &mailbox, &s.on_dele, s.max_messages)?;
+            Ok((mailbox, move_to, snapshot))
+        };
+        match opened() {
+            Ok((mailbox, move_to, snapshot)) => Ok(ImapMaildrop {
                 client,
                 mailbox,
+                move_to,
                 on_dele: s.on_dele.clone(),
                 snapshot,
             }),
@@ -204,6 +215,68 @@ fn ready_for_login(
          (IMAPS, usually port 993) or --imap-starttls, or allow clear-text logins on the \
          server (Dovecot disable_plaintext_auth = no, Cyrus allowplaintext: yes, Courier \
          IMAP_TLS_REQUIRED=0)"
+    )))
+}
+
+/// A mailbox name as the user writes it, as the server knows it, checked to exist: `INBOX`;
+/// an RFC 6154 special use (`\Archive`, `\Trash`, ...) for the folder the server marks so;
+/// else a path with `/` between levels, put in the server's personal namespace (its prefix and
+/// delimiter: `Archive/2026` is `INBOX.Archive.2026` on Cyrus and Courier) and in modified
+/// UTF-7, or failing that the name exactly as written. A name that isn't there is a
+/// configuration error at login, not a failure at QUIT after the client took the mail.
+fn resolve(c: &mut Conn, name: &str) -> Result<String, Error> {
+    if name.eq_ignore_ascii_case("INBOX") {
+        return Ok("INBOX".into());
+    }
+    let step = Step::Other("finding the mailboxes");
+    let usable = |m: &MailboxEntry| {
+        !m.attributes.iter().any(|a| {
+            a.eq_ignore_ascii_case("\\Noselect") || a.eq_ignore_ascii_case("\\NonExistent")
+        })
+    };
+    if name.starts_with('\\') {
+        let all = c.list_mailboxes("*").map_err(|f| to_error(step, f))?;
+        return all
+            .into_iter()
+            .filter(usable)
+            .find(|m| m.attributes.iter().any(|a| a.eq_ignore_ascii_case(name)))
+            .map(|m| m.name)
+            .ok_or_else(|| {
+                Error::Perm(format!(
+                    "no mailbox on the IMAP server is marked {name} (RFC 6154 SPECIAL-USE)"
+                ))
+            });
+    }
+    let (prefix, delimiter) = c
+        .namespace()
+        .map_err(|f| to_error(step, f))?
+        .unwrap_or_default();
+    let path = match delimiter.as_deref() {
+        Some(d) if d != "/" => name.replace('/', d),
+        _ => name.to_string(),
+    };
+    let path = proto::mutf7(&path);
+    let mut candidates = Vec::new();
+    let prefixed = path
+        .get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(&prefix));
+    if !prefix.is_empty() && !prefixed {
+        candidates.push(format!("{prefix}{path}"));
+    }
+    candidates.push(path);
+    let as_written = proto::mutf7(name);
+    if !candidates.contains(&as_written) {
+        candidates.push(as_written);
+    }
+    for candidate in &candidates {
+        let found = c.list_mailboxes(candidate).map_err(|f| to_error(step, f))?;
+        if found.iter().any(|m| &m.name == candidate && usable(m)) {
+            return Ok(candidate.clone());
+        }
+    }
+    Err(Error::Perm(format!(
+        "mailbox {name:?} doesn't exist on the IMAP server (looked for {})",
+        candidates.join(", ")
     )))
 }
 
@@ -373,7 +446,10 @@ fn open(
 
 pub struct ImapMaildrop {
     client: Conn,
+    /// As the server writes it (modified UTF-7, its prefix and delimiter).
     mailbox: String,
+    /// `move:FOLDER`'s folder, likewise.
+    move_to: Option<String>,
     on_dele: OnDele,
     snapshot: Snapshot,
 }
@@ -388,6 +464,7 @@ impl ImapMaildrop {
         applied: &mut Vec<String>,
     ) -> Result<Option<&'static str>, Error> {
         let c = &mut self.client;
+        let move_to = self.move_to.clone().unwrap_or_default();
         let sel = c
             .select(false, &self.mailbox)
             .map_err(|f| to_error(Step::Select(&self.mailbox), f))?;
@@ -442,11 +519,11 @@ impl ImapMaildrop {
             OnDele::Keep => {}
             OnDele::Seen => step("STORE", "+FLAGS.SILENT (\\Seen)".into())?,
             OnDele::Keyword(k) => step("STORE", format!("+FLAGS.SILENT ({k})"))?,
-            OnDele::Move(folder) if has_move => step("MOVE", proto::mailbox(folder))?,
+            OnDele::Move(_) if has_move => step("MOVE", proto::wire_mailbox(&move_to))?,
             OnDele::Expunge | OnDele::Move(_) => {
                 // Without MOVE, a move is a copy and a deletion.
-                if let OnDele::Move(folder) = &self.on_dele {
-                    step("COPY", proto::mailbox(folder))?;
+                if let OnDele::Move(_) = &self.on_dele {
+                    step("COPY", proto::wire_mailbox(&move_to))?;
                 }
                 step("STORE", "+FLAGS.SILENT (\\Deleted)".into())?;
                 if uidplus {

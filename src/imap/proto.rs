@@ -44,8 +44,12 @@ pub fn quoted(s: &[u8]) -> Option<Vec<u8>> {
 /// A mailbox name as a quoted string in modified UTF-7. Names hold no control characters
 /// (checked where they are configured), so this always succeeds.
 pub fn mailbox(name: &str) -> String {
-    let m = mutf7(name);
-    format!("\"{}\"", m.replace('\\', "\\\\").replace('"', "\\\""))
+    wire_mailbox(&mutf7(name))
+}
+
+/// A mailbox name already as the server writes it (modified UTF-7), as a quoted string.
+pub fn wire_mailbox(name: &str) -> String {
+    format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// A mailbox name in IMAP's modified UTF-7 (RFC 3501 5.1.3): printable ASCII as it is, `&` as
@@ -172,6 +176,15 @@ pub enum Response {
         items: Fetch,
     },
     Search(Vec<u32>),
+    /// `* LIST (attributes) delimiter name`: the name as the server writes it (modified
+    /// UTF-7), attributes as written (`\Archive`, `\Noselect`, ...).
+    List {
+        attributes: Vec<String>,
+        delimiter: Option<String>,
+        name: Vec<u8>,
+    },
+    /// `* NAMESPACE personal other shared`: the personal namespaces, (prefix, delimiter).
+    Namespace(Vec<(Vec<u8>, Option<String>)>),
     /// Well-formed, and of no interest here.
     Other,
 }
@@ -696,6 +709,8 @@ fn parse(text: &[u8], lits: Vec<(usize, Lit)>) -> Result<Response, Violation> {
             }
             Ok(Response::Search(uids))
         }
+        b"LIST" => list_data(&mut toks),
+        b"NAMESPACE" => namespace_data(&mut toks),
         b"OK" | b"NO" | b"BAD" | b"BYE" | b"PREAUTH" => {
             toks.pos = save;
             let (status, code, text) = status_of(&mut toks)?;
@@ -741,6 +756,63 @@ fn status_of(toks: &mut Tokens<'_>) -> Result<(Status, Option<Code>, String), Vi
         None => (None, rest),
     };
     Ok((status, code, word(text)))
+}
+
+/// A string value (`astring` or `nstring`): an atom, a quoted string or a literal; `None` for
+/// NIL.
+fn string_value(tok: Tok<'_>) -> Result<Option<Vec<u8>>, Violation> {
+    match tok {
+        Tok::Atom(a) if a.eq_ignore_ascii_case(b"NIL") => Ok(None),
+        Tok::Atom(a) => Ok(Some(a.to_vec())),
+        Tok::Quoted(q) => Ok(Some(q)),
+        Tok::Literal(Lit::Data(d) | Lit::Body(d)) => Ok(Some(d)),
+        _ => Err(Violation::Malformed("a string missing".into())),
+    }
+}
+
+fn list_data(toks: &mut Tokens<'_>) -> Result<Response, Violation> {
+    if !matches!(toks.next()?, Tok::Open) {
+        return Err(Violation::Malformed("LIST without attributes".into()));
+    }
+    let mut attributes = Vec::new();
+    loop {
+        match toks.next()? {
+            Tok::Close => break,
+            Tok::Atom(a) => attributes.push(word(a)),
+            _ => return Err(Violation::Malformed("LIST with a non-attribute".into())),
+        }
+    }
+    let delimiter = string_value(toks.next()?)?.map(|d| word(&d));
+    let name = string_value(toks.next()?)?
+        .ok_or_else(|| Violation::Malformed("LIST without a name".into()))?;
+    Ok(Response::List {
+        attributes,
+        delimiter,
+        name,
+    })
+}
+
+/// The first of NAMESPACE's three values: `NIL` or `(("prefix" "delim" ext...) ...)`.
+fn namespace_data(toks: &mut Tokens<'_>) -> Result<Response, Violation> {
+    let mut personal = Vec::new();
+    match toks.next()? {
+        Tok::Atom(a) if a.eq_ignore_ascii_case(b"NIL") => {}
+        Tok::Open => loop {
+            match toks.next()? {
+                Tok::Close => break,
+                Tok::Open => {
+                    let prefix = string_value(toks.next()?)?.unwrap_or_default();
+                    let delimiter = string_value(toks.next()?)?.map(|d| word(&d));
+                    personal.push((prefix, delimiter));
+                    // Extensions (RFC 4466), up to this namespace's `)`.
+                    toks.skip_list(2)?;
+                }
+                _ => return Err(Violation::Malformed("a namespace that isn't a list".into())),
+            }
+        },
+        _ => return Err(Violation::Malformed("NAMESPACE without a list".into())),
+    }
+    Ok(Response::Namespace(personal))
 }
 
 /// `(name value name value ...)` of a FETCH response.
@@ -978,6 +1050,42 @@ mod tests {
         };
         assert_eq!((items.uid, items.size), (None, None));
         assert_eq!(items.garbage.len(), 2, "{:?}", items.garbage);
+    }
+
+    #[test]
+    fn list_and_namespace() {
+        let r = all_splits(
+            b"* LIST (\\HasNoChildren \\Archive) \".\" INBOX.Archive\r\n\
+              * LIST () \"/\" {9}\r\nEntw&APw-\r\n* LIST (\\Noselect) NIL \"\"\r\n\
+              * NAMESPACE ((\"INBOX.\" \".\")) NIL ((\"#shared.\" \".\"))\r\n\
+              * NAMESPACE ((\"\" \"/\" \"X-PARAM\" (\"a\"))) NIL NIL\r\n",
+            &none,
+        )
+        .unwrap();
+        assert_eq!(
+            r[0],
+            Response::List {
+                attributes: vec!["\\HasNoChildren".into(), "\\Archive".into()],
+                delimiter: Some(".".into()),
+                name: b"INBOX.Archive".to_vec()
+            }
+        );
+        assert!(matches!(&r[1], Response::List { name, .. } if name == b"Entw&APw-"));
+        assert!(matches!(
+            &r[2],
+            Response::List {
+                delimiter: None,
+                ..
+            }
+        ));
+        assert_eq!(
+            r[3],
+            Response::Namespace(vec![(b"INBOX.".to_vec(), Some(".".into()))])
+        );
+        assert_eq!(
+            r[4],
+            Response::Namespace(vec![(Vec::new(), Some("/".into()))])
+        );
     }
 
     #[test]

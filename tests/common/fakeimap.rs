@@ -252,6 +252,8 @@ struct State {
     next_uid: u32,
     inbox: Vec<Message>,
     folders: BTreeMap<String, Vec<Message>>,
+    /// RFC 6154 attributes of folders (`\Archive`), shown by LIST.
+    special_use: BTreeMap<String, String>,
     rules: Vec<Rule>,
     seen: BTreeMap<String, usize>,
     received: Vec<Received>,
@@ -325,6 +327,14 @@ impl Builder {
     /// An empty folder besides INBOX (a `move:` target).
     pub fn folder(mut self, name: &str) -> Builder {
         self.state.folders.insert(name.to_string(), Vec::new());
+        self
+    }
+
+    /// A folder the server marks with an RFC 6154 special use (`\Archive`) in LIST.
+    pub fn special_folder(mut self, name: &str, special_use: &str) -> Builder {
+        self.state.folders.insert(name.to_string(), Vec::new());
+        let attr = special_use.to_string();
+        self.state.special_use.insert(name.to_string(), attr);
         self
     }
 
@@ -407,6 +417,7 @@ impl FakeImap {
                 next_uid: 1,
                 inbox: Vec::new(),
                 folders: BTreeMap::new(),
+                special_use: BTreeMap::new(),
                 rules: Vec::new(),
                 seen: BTreeMap::new(),
                 received: Vec::new(),
@@ -888,6 +899,7 @@ impl Conn {
             "UID EXPUNGE" | "EXPUNGE" => self.expunge(tag, verb == "UID EXPUNGE", args),
             "UID MOVE" | "UID COPY" => self.copy(tag, verb == "UID MOVE", args),
             "UID SEARCH" => self.search(tag, args),
+            "LIST" => self.list(tag, args),
             "CLOSE" | "UNSELECT" => {
                 self.selected = None;
                 ok("Closed.")
@@ -1070,6 +1082,24 @@ impl Conn {
         drop(s);
         a.bytes
             .extend(tagged(tag, "OK", "Expunge completed.").bytes);
+        a
+    }
+
+    /// `LIST "" pattern`: `*` (every mailbox) or one name exactly; `/` is the delimiter.
+    fn list(&mut self, tag: &str, args: &str) -> Answer {
+        let Some(pattern) = args.strip_prefix("\"\" ") else {
+            return tagged(tag, "BAD", "Unsupported LIST.");
+        };
+        let pattern = unquote(pattern);
+        let s = self.state();
+        let mut a = Answer::default();
+        let names = std::iter::once("INBOX".to_string()).chain(s.folders.keys().cloned());
+        for name in names.filter(|n| pattern == "*" || *n == pattern) {
+            let attr = s.special_use.get(&name).cloned().unwrap_or_default();
+            a.line(&format!("* LIST ({attr}) \"/\" \"{name}\""));
+        }
+        drop(s);
+        a.bytes.extend(tagged(tag, "OK", "List completed.").bytes);
         a
     }
 
