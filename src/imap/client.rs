@@ -720,10 +720,18 @@ impl<S: Transport> Client<S> {
     }
 
     /// `LIST "" pattern`, the pattern as the server writes names: the mailboxes found, at most
-    /// [`MAX_LISTED_MAILBOXES`].
-    pub fn list_mailboxes(&mut self, pattern: &str) -> Result<Vec<MailboxEntry>, Failure> {
+    /// [`MAX_LISTED_MAILBOXES`]. With `special_use`, asks for the RFC 6154 attributes too
+    /// (`RETURN (SPECIAL-USE)`, for servers with LIST-EXTENDED that give them only when asked).
+    pub fn list_mailboxes(
+        &mut self,
+        pattern: &str,
+        special_use: bool,
+    ) -> Result<Vec<MailboxEntry>, Failure> {
         let mut found = Vec::new();
-        let cmd = format!("LIST \"\" {}", proto::wire_mailbox(pattern));
+        let mut cmd = format!("LIST \"\" {}", proto::wire_mailbox(pattern));
+        if special_use {
+            cmd.push_str(" RETURN (SPECIAL-USE)");
+        }
         self.run(cmd.as_bytes(), &mut |r| {
             if let Response::List {
                 attributes,

@@ -235,17 +235,29 @@ fn resolve(c: &mut Conn, name: &str) -> Result<String, Error> {
         })
     };
     if name.starts_with('\\') {
-        let all = c.list_mailboxes("*").map_err(|f| to_error(step, f))?;
-        return all
-            .into_iter()
-            .filter(usable)
-            .find(|m| m.attributes.iter().any(|a| a.eq_ignore_ascii_case(name)))
-            .map(|m| m.name)
-            .ok_or_else(|| {
-                Error::Perm(format!(
-                    "no mailbox on the IMAP server is marked {name} (RFC 6154 SPECIAL-USE)"
-                ))
-            });
+        let marked = |all: Vec<MailboxEntry>| {
+            all.into_iter()
+                .filter(usable)
+                .find(|m| m.attributes.iter().any(|a| a.eq_ignore_ascii_case(name)))
+                .map(|m| m.name)
+        };
+        let mut found = marked(
+            c.list_mailboxes("*", false)
+                .map_err(|f| to_error(step, f))?,
+        );
+        // Some servers give the attributes only when asked (RFC 6154 with LIST-EXTENDED).
+        let extended = c
+            .capabilities()
+            .is_ok_and(|caps| caps.iter().any(|c| c == "LIST-EXTENDED"));
+        if found.is_none() && extended {
+            let all = c.list_mailboxes("*", true).map_err(|f| to_error(step, f))?;
+            found = marked(all);
+        }
+        return found.ok_or_else(|| {
+            Error::Perm(format!(
+                "no mailbox on the IMAP server is marked {name} (RFC 6154 SPECIAL-USE)"
+            ))
+        });
     }
     let (prefix, delimiter) = c
         .namespace()
@@ -269,7 +281,9 @@ fn resolve(c: &mut Conn, name: &str) -> Result<String, Error> {
         candidates.push(as_written);
     }
     for candidate in &candidates {
-        let found = c.list_mailboxes(candidate).map_err(|f| to_error(step, f))?;
+        let found = c
+            .list_mailboxes(candidate, false)
+            .map_err(|f| to_error(step, f))?;
         if found.iter().any(|m| &m.name == candidate && usable(m)) {
             return Ok(candidate.clone());
         }
