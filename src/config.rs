@@ -37,7 +37,8 @@ POP3 side:
                              CRAM-MD5, SCRAM-SHA-1/256, XOAUTH2, OAUTHBEARER are relayed
                              to the IMAP server (-H), never decoded
       --on-dele ACTION       seen (default), keyword:NAME, expunge, move:FOLDER, keep
-      --uidl-format FMT      default %08Xu%08Xv (Dovecot's): %u UID, %v UIDVALIDITY
+      --uidl-format FMT      default %08Xu%08Xv (Dovecot's): %u UID, %v UIDVALIDITY,
+                             %g the server's message id (survives a UIDVALIDITY change)
       --max-messages N       list at most N messages (oldest first)
       --timeout SECS         idle timeout towards the client (default 600)
       --auth-failure-delay SECS  wait before answering a refused login (default 2; 0: none)
@@ -257,6 +258,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
             on_dele,
             max_messages,
             timeout: imap_timeout,
+            stable_ids: uidl_format.needs_server_id(),
         },
         tls,
         allow_plaintext_auth,

@@ -92,6 +92,12 @@ pub trait Maildrop {
     fn uidvalidity(&self) -> u32;
     /// The messages the session lists, oldest first; fixed for the session.
     fn messages(&self) -> &[Message];
+    /// The server's own stable identifier of message `index` (of `messages`), if the backend
+    /// was asked to list them (`--uidl-format %g`).
+    fn stable_id(&self, index: usize) -> Option<&str> {
+        let _ = index;
+        None
+    }
     /// Appends up to `len` octets of message `uid` starting at `offset` to `out`. Fewer than
     /// `len` octets means the message ended. `Error::Gone` if the message no longer exists.
     fn fetch(&mut self, uid: u32, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), Error>;

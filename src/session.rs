@@ -86,6 +86,9 @@ enum State<M> {
 struct Transaction<M> {
     drop: M,
     deleted: Vec<bool>,
+    /// Every message's UIDL, worked out at login when they come from the server's identifiers
+    /// (`%g`), made unique across the session; `None`: from UID and UIDVALIDITY as asked.
+    uidls: Option<Vec<String>>,
 }
 
 /// How a command handler leaves the session.
@@ -451,10 +454,12 @@ impl<B: Backend> Session<B> {
                 self.summary.user = Some(user.to_string());
                 self.summary.listed = n;
                 log::info(&format!("user={user} logged in, {n} messages listed"));
+                let uidls = self.uidls(&drop);
                 reply(peer, true, &format!("Logged in, {n} messages."))?;
                 Ok(Next::Continue(State::Transaction(Transaction {
                     drop,
                     deleted: vec![false; n],
+                    uidls,
                 })))
             }
             Err(e) => {
@@ -466,6 +471,37 @@ impl<B: Backend> Session<B> {
                 self.login_failed(peer, error_reply(&e, During::Login))
             }
         }
+    }
+
+    /// With `%g`, every UIDL at once: two messages the server gives the same identifier must
+    /// still differ (a later one gets its UID appended), and which one does mustn't change
+    /// from one session to the next.
+    fn uidls(&self, drop: &B::Maildrop) -> Option<Vec<String>> {
+        let format = &self.settings.uidl_format;
+        if !format.needs_server_id() {
+            return None;
+        }
+        let v = drop.uidvalidity();
+        let messages = drop.messages();
+        let mut uidls: Vec<String> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format.format(m.uid, v, drop.stable_id(i)))
+            .collect();
+        let uids: Vec<u32> = messages.iter().map(|m| m.uid).collect();
+        let changed = crate::uidl::make_unique(&mut uidls, &uids);
+        if !changed.is_empty() {
+            log::warning(&format!(
+                "the IMAP server gave messages the same identifier: UIDs {} get their UID \
+                 appended to stay unique",
+                changed
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
+        }
+        Some(uidls)
     }
 
     /// The mechanisms offered, known without asking the IMAP server: PLAIN and LOGIN, or
@@ -639,13 +675,10 @@ impl<B: Backend> Session<B> {
                 peer.write_all(out.as_bytes())?;
             }
             Command::Uidl(None) => {
-                let v = t.drop.uidvalidity();
                 let mut out = String::from("+OK Unique-ID listing follows\r\n");
-                for (no, m) in t.live() {
-                    out.push_str(&format!(
-                        "{no} {}\r\n",
-                        self.settings.uidl_format.format(m.uid, v)
-                    ));
+                for (no, _) in t.live() {
+                    let uidl = t.uidl(no, &self.settings.uidl_format);
+                    out.push_str(&format!("{no} {uidl}\r\n"));
                 }
                 out.push_str(".\r\n");
                 peer.write_all(out.as_bytes())?;
@@ -655,11 +688,8 @@ impl<B: Backend> Session<B> {
                 Err(text) => reply(peer, false, text)?,
             },
             Command::Uidl(Some(no)) => match t.get(no) {
-                Ok(m) => {
-                    let uidl = self
-                        .settings
-                        .uidl_format
-                        .format(m.uid, t.drop.uidvalidity());
+                Ok(_) => {
+                    let uidl = t.uidl(no as usize, &self.settings.uidl_format);
                     reply(peer, true, &format!("{no} {uidl}"))?
                 }
                 Err(text) => reply(peer, false, text)?,
@@ -849,6 +879,18 @@ impl<B: Backend> Session<B> {
 }
 
 impl<M: Maildrop> Transaction<M> {
+    /// The UIDL of message `no` (1-based, existing).
+    fn uidl(&self, no: usize, format: &UidlFormat) -> String {
+        match &self.uidls {
+            Some(all) => all[no - 1].clone(),
+            None => format.format(
+                self.drop.messages()[no - 1].uid,
+                self.drop.uidvalidity(),
+                None,
+            ),
+        }
+    }
+
     /// The messages not marked deleted, with their message numbers.
     fn live(&self) -> impl Iterator<Item = (usize, &Message)> {
         self.drop

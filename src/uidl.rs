@@ -1,17 +1,25 @@
-//! `--uidl-format`: how a message's UID and the mailbox's UIDVALIDITY become a POP3 unique-id.
+//! `--uidl-format`: how a message's UID and the mailbox's UIDVALIDITY (or the server's own
+//! identifier of the message) become a POP3 unique-id.
 //!
-//! The syntax follows Dovecot's `pop3_uidl_format` for the two variables that make sense over
+//! The syntax follows Dovecot's `pop3_uidl_format` for the variables that make sense over
 //! IMAP: `%u` (UID) and `%v` (UIDVALIDITY), with an optional zero-padded width and `X` for
-//! lower-case hex (Dovecot prints `%X` in lower case), and `%%`. The default, `%08Xu%08Xv`, is
-//! Dovecot's, so a mailbox that moves from Dovecot's POP3 to aiopopd keeps its UIDLs and clients
-//! don't download everything again.
+//! lower-case hex (Dovecot prints `%X` in lower case), `%g` (the server's stable identifier:
+//! EMAILID, X-GM-MSGID or X-GUID; it survives a UIDVALIDITY change), and `%%`. The default,
+//! `%08Xu%08Xv`, is Dovecot's, so a mailbox that moves from Dovecot's POP3 to aiopopd keeps its
+//! UIDLs and clients don't download everything again.
 
 use std::fmt::Write;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Literal(String),
-    Var { width: usize, hex: bool, uid: bool },
+    Var {
+        width: usize,
+        hex: bool,
+        uid: bool,
+    },
+    /// `%g`.
+    ServerId,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +55,14 @@ impl UidlFormat {
             if hex {
                 chars.next();
             }
+            if chars.peek() == Some(&'g') && width == 0 && !hex {
+                chars.next();
+                if !lit.is_empty() {
+                    parts.push(Part::Literal(std::mem::take(&mut lit)));
+                }
+                parts.push(Part::ServerId);
+                continue;
+            }
             let uid = match chars.next() {
                 Some('u') => true,
                 Some('v') => false,
@@ -56,7 +72,8 @@ impl UidlFormat {
                 }
                 other => {
                     return Err(format!(
-                        "unknown variable {:?}: use %u (UID) or %v (UIDVALIDITY)",
+                        "unknown variable {:?}: use %u (UID), %v (UIDVALIDITY) or %g (the \
+                         server's message identifier)",
                         other.map_or(String::new(), String::from)
                     ))
                 }
@@ -70,11 +87,18 @@ impl UidlFormat {
             parts.push(Part::Literal(lit));
         }
         let f = UidlFormat(parts);
-        if !f.0.iter().any(|p| matches!(p, Part::Var { uid: true, .. })) {
-            return Err("the format must contain %u, or every message gets the same UIDL".into());
+        let unique = |p: &Part| matches!(p, Part::Var { uid: true, .. } | Part::ServerId);
+        if !f.0.iter().any(unique) {
+            return Err(
+                "the format must contain %u or %g, or every message gets the same UIDL".into(),
+            );
         }
-        // The longest result is with the largest values (widest numbers).
-        let longest = f.format(u32::MAX, u32::MAX).len().max(f.format(0, 0).len());
+        // The longest result is with the largest values (widest numbers); an identifier is
+        // made to fit (see `format`).
+        let longest = f
+            .format(u32::MAX, u32::MAX, Some("x"))
+            .len()
+            .max(f.format(0, 0, Some("x")).len());
         if longest > MAX_LEN {
             return Err(format!(
                 "results can be {longest} characters; POP3 allows 70"
@@ -83,12 +107,20 @@ impl UidlFormat {
         Ok(f)
     }
 
-    pub fn format(&self, uid: u32, uidvalidity: u32) -> String {
+    /// True if the format needs the server's identifier of each message (`%g`).
+    pub fn needs_server_id(&self) -> bool {
+        self.0.contains(&Part::ServerId)
+    }
+
+    /// The UIDL. `id` is the server's identifier for `%g` (required then); one that would make
+    /// the UIDL longer than POP3 allows is replaced by its MD5 in hex, deterministically.
+    pub fn format(&self, uid: u32, uidvalidity: u32, id: Option<&str>) -> String {
         let mut s = String::with_capacity(16);
         for p in &self.0 {
             // Writing to a String can't fail.
             let _ = match *p {
                 Part::Literal(ref l) => s.write_str(l),
+                Part::ServerId => s.write_str(id.unwrap_or("")),
                 Part::Var {
                     width,
                     hex,
@@ -103,8 +135,42 @@ impl UidlFormat {
                 }
             };
         }
-        s
+        match id {
+            // Once: if that doesn't fit either, the format itself is too long (refused by
+            // `parse`).
+            Some(long) if s.len() > MAX_LEN && long.len() > 32 => {
+                let short = md5_hex(long.as_bytes());
+                self.format(uid, uidvalidity, Some(&short))
+            }
+            _ => s,
+        }
     }
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    Md5::digest(data).iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Makes the UIDLs of one session unique, deterministically: a UIDL already given to an earlier
+/// message (two messages with the same server identifier) gets `.` and the message's UID in
+/// hex appended (cut to fit). Returns the UIDs that were changed, for the log.
+pub fn make_unique(uidls: &mut [String], uids: &[u32]) -> Vec<u32> {
+    let mut seen = std::collections::HashSet::new();
+    let mut changed = Vec::new();
+    for (u, &uid) in uidls.iter_mut().zip(uids) {
+        if !seen.insert(u.clone()) {
+            let suffix = format!(".{uid:x}");
+            u.truncate(MAX_LEN - suffix.len());
+            u.push_str(&suffix);
+            seen.insert(u.clone());
+            changed.push(uid);
+        }
+    }
+    changed
 }
 
 impl Default for UidlFormat {
@@ -120,15 +186,33 @@ mod tests {
     #[test]
     fn default_matches_dovecot() {
         let f = UidlFormat::default();
-        assert_eq!(f.format(1, 0x5f3a2b1c), "000000015f3a2b1c");
-        assert_eq!(f.format(0xabc, 7), "00000abc00000007");
+        assert_eq!(f.format(1, 0x5f3a2b1c, None), "000000015f3a2b1c");
+        assert_eq!(f.format(0xabc, 7, None), "00000abc00000007");
     }
 
     #[test]
     fn decimal_literals_and_percent() {
         let f = UidlFormat::parse("v%v.u%u%%").unwrap();
-        assert_eq!(f.format(42, 9), "v9.u42%");
-        assert_eq!(UidlFormat::parse("%5u").unwrap().format(42, 0), "00042");
+        assert_eq!(f.format(42, 9, None), "v9.u42%");
+        assert_eq!(
+            UidlFormat::parse("%5u").unwrap().format(42, 0, None),
+            "00042"
+        );
+    }
+
+    #[test]
+    fn server_ids_fit_and_stay_unique() {
+        let f = UidlFormat::parse("%g").unwrap();
+        assert!(f.needs_server_id() && !UidlFormat::default().needs_server_id());
+        assert_eq!(f.format(3, 9, Some("M6d99ac3275bb4e")), "M6d99ac3275bb4e");
+        let long = "x".repeat(255);
+        let u = f.format(3, 9, Some(&long));
+        assert_eq!(u.len(), 32, "a long id is replaced by its MD5: {u}");
+        assert_eq!(u, f.format(4, 1, Some(&long)), "deterministic");
+        let mut uidls = vec!["a".to_string(), "b".into(), "a".into(), "a".into()];
+        assert_eq!(make_unique(&mut uidls, &[1, 2, 10, 11]), [10, 11]);
+        assert_eq!(uidls, ["a", "b", "a.a", "a.b"]);
+        assert!(UidlFormat::parse("G%g").is_ok() && UidlFormat::parse("%5g").is_err());
     }
 
     #[test]

@@ -1161,3 +1161,18 @@ fn a_server_dropping_the_connection_points_at_per_address_limits() {
         );
     }
 }
+
+/// `--uidl-format %g` against a server with no identifier to give (no OBJECTID, no
+/// X-GM-EXT-1, no X-GUID): the login is refused as a configuration error, and the log says
+/// which format would work; nothing is listed with UIDLs that would change later.
+#[test]
+fn server_ids_asked_of_a_server_without_them_is_a_configuration_error() {
+    let fake = three().start();
+    let r = run(&fake, &["--uidl-format", "%g"], &format!("{LOGIN}QUIT\r\n"));
+    assert_eq!(
+        replies(&r)[1],
+        "-ERR [SYS/PERM] The mailbox can't be served; tell the administrator."
+    );
+    assert!(r.stderr.contains("%08Xu%08Xv"), "{}", r.stderr);
+    assert!(!r.stderr.contains("login failed"), "{}", r.stderr);
+}

@@ -556,3 +556,54 @@ fn folder_names_follow_the_servers_namespace_and_special_use() {
     }
     assert_eq!(d.flags("alice", "INBOX"), before);
 }
+
+/// `--uidl-format %g`: Dovecot's X-GUID, the same before and after the mailbox gets a new
+/// UIDVALIDITY (as a rebuilt or restored mailbox does), where the default format's UIDLs all
+/// change and a client leaving mail on the server would download everything again.
+#[test]
+fn server_ids_as_uidls_survive_a_uidvalidity_change() {
+    let d = Dovecot::start();
+    three(&d);
+    let uidl = |format: &str| {
+        let r = run(
+            &d,
+            &["--uidl-format", format],
+            &format!("{LOGIN}UIDL\r\nUIDL 2\r\nQUIT\r\n"),
+        );
+        assert!(r[3].ok() && r[4].ok(), "{r:?}");
+        (r[3].body_str().to_string(), r[4].status.clone())
+    };
+    let (by_guid, second) = uidl("%g");
+    let guids = d.doveadm(&["fetch", "-u", "alice", "guid", "mailbox", "INBOX"]);
+    let guids: Vec<&str> = guids
+        .lines()
+        .filter_map(|l| l.strip_prefix("guid: "))
+        .collect();
+    let expected: String = guids
+        .iter()
+        .enumerate()
+        .map(|(i, g)| format!("{} {g}\r\n", i + 1))
+        .collect();
+    assert_eq!(by_guid, expected);
+    assert_eq!(second, format!("+OK 2 {}", guids[1]));
+    let (by_uid, _) = uidl("%08Xu%08Xv");
+    d.doveadm(&[
+        "mailbox",
+        "update",
+        "-u",
+        "alice",
+        "--uid-validity",
+        "12345",
+        "INBOX",
+    ]);
+    assert_eq!(
+        uidl("%g").0,
+        by_guid,
+        "the same after the UIDVALIDITY change"
+    );
+    assert_ne!(
+        uidl("%08Xu%08Xv").0,
+        by_uid,
+        "while the default format's all change"
+    );
+}

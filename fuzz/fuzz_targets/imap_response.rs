@@ -94,8 +94,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         3 => {
-            if let Ok(l) = c.list(1000, &["\\Seen"], 10, &|_| true) {
+            if let Ok(l) = c.list(1000, &["\\Seen"], Some("X-GUID"), 10, &|_| true) {
                 assert!(l.entries.len() <= 10, "more entries than asked");
+                assert_eq!(l.ids.len(), l.entries.len(), "an id for every entry");
                 assert!(l.left_out.len() <= 20);
                 assert!(l.entries.iter().all(|e| e.uid > 0));
             }

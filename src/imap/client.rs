@@ -128,6 +128,8 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Listing {
     pub entries: Vec<Entry>,
+    /// Each entry's stable identifier, when one was asked for (`list`'s `id_item`).
+    pub ids: Vec<Box<str>>,
     /// Entries taken in (kept, filtered out or left out): never more than EXISTS.
     pub seen: u64,
     /// `(description, why)` of the first messages left out.
@@ -143,6 +145,7 @@ struct Partial {
     uid: Option<u32>,
     size: Option<u64>,
     marks: Option<u8>,
+    id: Option<String>,
     garbage: Option<String>,
 }
 
@@ -395,14 +398,38 @@ impl<S: Transport> Client<S> {
         self.usable()?;
         let r = self.drain();
         self.check(r)?;
-        let r = self.run_once(command, each);
+        let r = self.run_once(command, each, false);
         self.check(r)
+    }
+
+    /// Whether the server gives message 1's identifier in FETCH `item` (for an extension a
+    /// server has without advertising it, Dovecot's X-GUID): a BAD (unknown item) is a plain
+    /// "no" here, not a broken connection, and so is an OK without the identifier.
+    pub fn fetches_id(&mut self, item: &str) -> Result<bool, Failure> {
+        self.usable()?;
+        let r = self.drain();
+        self.check(r)?;
+        let mut found = false;
+        let command = format!("FETCH 1 ({item})");
+        let r = self.run_once(
+            command.as_bytes(),
+            &mut |r| {
+                found |= matches!(r, Response::Fetch { items, .. } if items.id.is_some());
+            },
+            true,
+        );
+        match self.check(r) {
+            Ok(_) => Ok(found),
+            Err(Failure::No { .. }) => Ok(false),
+            Err(f) => Err(f),
+        }
     }
 
     fn run_once(
         &mut self,
         command: &[u8],
         each: &mut dyn FnMut(Response),
+        bad_is_no: bool,
     ) -> Result<Option<Code>, Failure> {
         let tag = self.next_tag();
         let mut line = Vec::with_capacity(tag.len() + command.len() + 3);
@@ -414,7 +441,13 @@ impl<S: Transport> Client<S> {
         line.zeroize();
         sent?;
         let deadline = Instant::now() + self.timeout;
-        self.tagged_reply(&tag, deadline, each)
+        match self.tagged_reply(&tag, deadline, each) {
+            Err(Failure::Broken(t)) if bad_is_no && t.starts_with("BAD: ") => Err(Failure::No {
+                code: None,
+                text: t,
+            }),
+            r => r,
+        }
     }
 
     fn tagged_reply(
@@ -761,6 +794,7 @@ impl<S: Transport> Client<S> {
         &mut self,
         exists: u32,
         interest: &[&str],
+        id_item: Option<&str>,
         most: usize,
         keep: &dyn Fn(&Entry) -> bool,
     ) -> Result<Listing, Failure> {
@@ -779,6 +813,7 @@ impl<S: Transport> Client<S> {
             listing: &mut Listing,
             most: usize,
             keep: &dyn Fn(&Entry) -> bool,
+            id_item: Option<&str>,
             seq: u32,
             p: Partial,
         ) {
@@ -792,7 +827,9 @@ impl<S: Transport> Client<S> {
                 (None, _, _) => Some("no UID".to_string()),
                 (_, None, _) => Some("no RFC822.SIZE".to_string()),
                 (_, Some(s), _) if s > MAX_SIZE => Some(format!("RFC822.SIZE {s} is absurd")),
-                _ => None,
+                _ => id_item
+                    .filter(|_| p.id.is_none())
+                    .map(|item| format!("no {item}")),
             };
             if let Some(why) = why {
                 listing.left_out_count += 1;
@@ -814,8 +851,15 @@ impl<S: Transport> Client<S> {
                 return;
             }
             listing.entries.push(e);
+            if let Some(id) = p.id.filter(|_| id_item.is_some()) {
+                listing.ids.push(id.into_boxed_str());
+            }
         }
-        self.run(b"FETCH 1:* (UID RFC822.SIZE FLAGS)", &mut |r| {
+        let command = match id_item {
+            Some(item) => format!("FETCH 1:* (UID RFC822.SIZE FLAGS {item})"),
+            None => "FETCH 1:* (UID RFC822.SIZE FLAGS)".to_string(),
+        };
+        self.run(command.as_bytes(), &mut |r| {
             let (seq, items) = match r {
                 Response::Fetch { seq, items } => (seq, items),
                 Response::Exists(n) => {
@@ -832,27 +876,28 @@ impl<S: Transport> Client<S> {
                 uid,
                 size,
                 flags,
+                id,
                 garbage,
                 ..
             } = items;
             let marks = flags.as_deref().map(marks_of);
             let garbage = garbage.into_iter().next();
-            let whole = garbage.is_some() || (uid.is_some() && size.is_some() && marks.is_some());
+            let complete = |uid: bool, size: bool, marks: bool, id: bool| {
+                uid && size && marks && (id || id_item.is_none())
+            };
+            let whole = garbage.is_some()
+                || complete(uid.is_some(), size.is_some(), marks.is_some(), id.is_some());
             if whole {
                 // The usual case: all in one response (which makes earlier parts old news).
                 pending.remove(&seq);
-                return finish(
-                    &mut listing,
-                    most,
-                    keep,
-                    seq,
-                    Partial {
-                        uid,
-                        size,
-                        marks,
-                        garbage,
-                    },
-                );
+                let p = Partial {
+                    uid,
+                    size,
+                    marks,
+                    id,
+                    garbage,
+                };
+                return finish(&mut listing, most, keep, id_item, seq, p);
             }
             if !pending.contains_key(&seq) && pending.len() >= MAX_PENDING {
                 return;
@@ -862,10 +907,17 @@ impl<S: Transport> Client<S> {
             p.uid = uid.or(p.uid);
             p.size = size.or(p.size);
             p.marks = marks.or(p.marks);
+            p.id = id.or(p.id.take());
             p.garbage = garbage.or(p.garbage.take());
-            if p.garbage.is_some() || (p.uid.is_some() && p.size.is_some() && p.marks.is_some()) {
+            let done = complete(
+                p.uid.is_some(),
+                p.size.is_some(),
+                p.marks.is_some(),
+                p.id.is_some(),
+            );
+            if p.garbage.is_some() || done {
                 if let Some(p) = pending.remove(&seq) {
-                    finish(&mut listing, most, keep, seq, p);
+                    finish(&mut listing, most, keep, id_item, seq, p);
                 }
             }
         })?;
@@ -874,7 +926,7 @@ impl<S: Transport> Client<S> {
         rest.sort_by_key(|(seq, _)| *seq);
         for (seq, p) in rest {
             if listing.seen < u64::from(exists) {
-                finish(&mut listing, most, keep, seq, p);
+                finish(&mut listing, most, keep, id_item, seq, p);
             }
         }
         // The descriptions quote the server.
@@ -1310,7 +1362,7 @@ mod tests {
 
     fn listed(script: &[u8], piece: usize, exists: u32, most: usize) -> Listing {
         client(script, piece)
-            .list(exists, &["\\Seen"], most, &|_| true)
+            .list(exists, &["\\Seen"], None, most, &|_| true)
             .unwrap()
     }
 

@@ -91,7 +91,13 @@ impl ImapBackend {
                 OnDele::Move(folder) => Some(resolve(&mut client, folder)?),
                 _ => None,
             };
-            let snapshot = open(&mut client, &mailbox, &s.on_dele, s.max_messages)?;
+            let snapshot = open(
+                &mut client,
+                &mailbox,
+                &s.on_dele,
+                s.max_messages,
+                s.stable_ids,
+            )?;
             Ok((mailbox, move_to, snapshot))
         };
         match opened() {
@@ -369,6 +375,8 @@ impl Backend for ImapBackend {
 struct Snapshot {
     uidvalidity: u32,
     messages: Vec<Message>,
+    /// The server's identifier of each message (as `messages`), when `%g` needs them.
+    ids: Vec<Box<str>>,
 }
 
 fn open(
@@ -376,6 +384,7 @@ fn open(
     mailbox: &str,
     on_dele: &OnDele,
     max: Option<usize>,
+    stable_ids: bool,
 ) -> Result<Snapshot, Error> {
     let step = Step::Select(mailbox);
     if let OnDele::Keyword(k) = on_dele {
@@ -404,8 +413,13 @@ fn open(
         return Ok(Snapshot {
             uidvalidity,
             messages: Vec::new(),
+            ids: Vec::new(),
         });
     }
+    let id_item = match stable_ids {
+        true => Some(id_item(client)?),
+        false => None,
+    };
     // The flag that takes a message out of the listing, if any. `\Deleted` mail is gone as
     // far as expunge and move are concerned (left so where an exact EXPUNGE was impossible):
     // listing it again would serve it twice, or copy it twice.
@@ -416,8 +430,14 @@ fn open(
         OnDele::Keep => (vec![], false),
     };
     let listed = |e: &Entry| !(hide && e.marks & 1 != 0);
-    let listing = client
-        .list(sel.exists, &interest, max.unwrap_or(usize::MAX), &listed)
+    let mut listing = client
+        .list(
+            sel.exists,
+            &interest,
+            id_item,
+            max.unwrap_or(usize::MAX),
+            &listed,
+        )
         .map_err(|f| to_error(Step::Other("listing"), f))?;
     for why in &listing.left_out {
         log::warning(&format!("{mailbox}: left out of the listing: {why}"));
@@ -434,28 +454,61 @@ fn open(
             listing.entries.len()
         ));
     }
-    let mut messages: Vec<Message> = listing
+    let mut ids = std::mem::take(&mut listing.ids).into_iter();
+    let mut listed: Vec<(Message, Option<Box<str>>)> = listing
         .entries
         .iter()
-        .map(|e| Message {
-            uid: e.uid,
-            size: e.size,
+        .map(|e| {
+            let m = Message {
+                uid: e.uid,
+                size: e.size,
+            };
+            (m, ids.next())
         })
         .collect();
     // A server repeating a UID: listed once.
-    messages.sort_by_key(|m| m.uid);
-    let before = messages.len();
-    messages.dedup_by_key(|m| m.uid);
-    if messages.len() < before {
+    listed.sort_by_key(|(m, _)| m.uid);
+    let before = listed.len();
+    listed.dedup_by_key(|(m, _)| m.uid);
+    if listed.len() < before {
         log::warning(&format!(
             "{mailbox}: the server listed {} UIDs twice; each listed once",
-            before - messages.len()
+            before - listed.len()
         ));
     }
+    let (messages, ids): (Vec<Message>, Vec<Option<Box<str>>>) = listed.into_iter().unzip();
     Ok(Snapshot {
         uidvalidity,
         messages,
+        ids: ids.into_iter().flatten().collect(),
     })
+}
+
+/// The FETCH item that carries the server's own stable identifier of a message, for
+/// `--uidl-format %g`: RFC 8474's EMAILID (OBJECTID: Cyrus, Fastmail, Stalwart), Gmail's
+/// X-GM-MSGID, or Dovecot's X-GUID (which Dovecot doesn't advertise: asked once to see).
+fn id_item(client: &mut Conn) -> Result<&'static str, Error> {
+    let caps = client
+        .capabilities()
+        .map_err(|f| to_error(Step::Other("CAPABILITY"), f))?;
+    let has = |c: &str| caps.iter().any(|x| x == c);
+    if has("OBJECTID") {
+        return Ok("EMAILID");
+    }
+    if has("X-GM-EXT-1") {
+        return Ok("X-GM-MSGID");
+    }
+    let guid = client
+        .fetches_id("X-GUID")
+        .map_err(|f| to_error(Step::Other("FETCH X-GUID"), f))?;
+    if guid {
+        return Ok("X-GUID");
+    }
+    Err(Error::Perm(
+        "--uidl-format uses %g, but the IMAP server offers no stable message identifier \
+         (OBJECTID, Gmail's X-GM-EXT-1 or Dovecot's X-GUID): use the default %08Xu%08Xv"
+            .into(),
+    ))
 }
 
 pub struct ImapMaildrop {
@@ -566,6 +619,10 @@ impl Maildrop for ImapMaildrop {
 
     fn messages(&self) -> &[Message] {
         &self.snapshot.messages
+    }
+
+    fn stable_id(&self, index: usize) -> Option<&str> {
+        self.snapshot.ids.get(index).map(|id| &**id)
     }
 
     fn fetch(&mut self, uid: u32, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<(), Error> {

@@ -47,4 +47,6 @@ pub struct Settings {
     pub max_messages: Option<usize>,
     /// Connecting, and each command from send to its tagged reply.
     pub timeout: Duration,
+    /// List each message's stable identifier (`--uidl-format %g`).
+    pub stable_ids: bool,
 }

@@ -147,6 +147,9 @@ pub struct Fetch {
     pub flags: Option<Vec<String>>,
     /// `BODY[]<origin>` and its value (the first one, if a response has several).
     pub body: Option<(u64, Body)>,
+    /// The server's stable identifier of the message: RFC 8474 `EMAILID (id)`, Gmail's
+    /// `X-GM-MSGID n`, Dovecot's `X-GUID id`; printable ASCII only, else garbage.
+    pub id: Option<String>,
     pub garbage: Vec<String>,
 }
 
@@ -839,6 +842,31 @@ fn fetch_items(toks: &mut Tokens<'_>) -> Result<Fetch, Violation> {
                 },
                 _ => f.garbage.push("UID without a number".into()),
             },
+            b"EMAILID" | b"X-GM-MSGID" | b"X-GUID" => {
+                let value = match toks.next()? {
+                    // EMAILID's value is a list of one objectid.
+                    Tok::Open => {
+                        let v = string_value(toks.next()?)?;
+                        if !matches!(toks.next()?, Tok::Close) {
+                            return Err(Violation::Malformed(
+                                "EMAILID with more than one id".into(),
+                            ));
+                        }
+                        v
+                    }
+                    other => string_value(other)?,
+                };
+                match value {
+                    Some(v) if !v.is_empty() && v.iter().all(|b| (0x21..0x7f).contains(b)) => {
+                        f.id = f.id.or(Some(word(&v)));
+                    }
+                    v => f.garbage.push(format!(
+                        "{} {}",
+                        word(name),
+                        v.map_or("NIL".into(), |v| lossy(&v))
+                    )),
+                }
+            }
             b"RFC822.SIZE" => match toks.next()? {
                 Tok::Atom(a) => match number(a) {
                     Some(n) => f.size = f.size.or(Some(n)),
@@ -1010,6 +1038,27 @@ mod tests {
         assert_eq!(items(2).body, Some((256, Body::Octets(b"a\"b".to_vec()))));
         assert_eq!(items(2).uid, Some(8));
         assert_eq!(items(3).body, Some((0, Body::Nil)));
+    }
+
+    #[test]
+    fn stable_ids_in_their_three_forms() {
+        let r = all_splits(
+            b"* 1 FETCH (UID 1 EMAILID (M6d99ac3275bb4e))\r\n\
+              * 2 FETCH (X-GM-MSGID 1278455344230334865 UID 2)\r\n\
+              * 3 FETCH (UID 3 X-GUID \"a4c8e21f7b3e6a6578060000c5b8d2aa\")\r\n\
+              * 4 FETCH (UID 4 X-GUID NIL)\r\n",
+            &none,
+        )
+        .unwrap();
+        let id = |i: usize| match &r[i] {
+            Response::Fetch { items, .. } => items.id.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(id(0).as_deref(), Some("M6d99ac3275bb4e"));
+        assert_eq!(id(1).as_deref(), Some("1278455344230334865"));
+        assert_eq!(id(2).as_deref(), Some("a4c8e21f7b3e6a6578060000c5b8d2aa"));
+        assert_eq!(id(3), None);
+        assert!(matches!(&r[3], Response::Fetch { items, .. } if items.garbage.len() == 1));
     }
 
     #[test]
