@@ -1176,3 +1176,42 @@ fn server_ids_asked_of_a_server_without_them_is_a_configuration_error() {
     assert!(r.stderr.contains("%08Xu%08Xv"), "{}", r.stderr);
     assert!(!r.stderr.contains("login failed"), "{}", r.stderr);
 }
+
+/// A UIDVALIDITY that moves between the listing and the update (GNU Mailutils imap4d gives a
+/// new one between EXAMINE and SELECT; here Dovecot is told to mid-session): with `%g` the
+/// DELE'd message is found again by its identifier and gets its `\Seen`; with the default
+/// format nothing is applied and the client is told.
+#[test]
+fn a_uidvalidity_change_mid_session_is_survived_with_server_ids() {
+    for (format, applied) in [("%g", true), ("%08Xu%08Xv", false)] {
+        let d = Dovecot::start();
+        for i in 1..=3 {
+            d.deliver("alice", "INBOX", &msg(i));
+        }
+        let mut a = dovecot_args(&d);
+        a.extend(["--uidl-format".to_string(), format.to_string()]);
+        let p = Aiopopd::spawn(&a);
+        p.send(format!("{LOGIN}STAT\r\n").as_bytes());
+        assert!(p.wait_for_replies(4, LIMIT), "{format}");
+        d.doveadm(&[
+            "mailbox",
+            "update",
+            "-u",
+            "alice",
+            "--uid-validity",
+            "4242",
+            "INBOX",
+        ]);
+        p.send(b"DELE 2\r\nQUIT\r\n");
+        let r = p.finish(LIMIT);
+        let quit = r.status_lines().last().cloned().unwrap_or_default();
+        let seen = |uid: u32| {
+            d.flags("alice", "INBOX")
+                .iter()
+                .any(|(u, f)| *u == uid && f.iter().any(|x| x == "\\Seen"))
+        };
+        assert_eq!(quit.starts_with("+OK"), applied, "{format}: {quit}");
+        assert_eq!(seen(2), applied, "{format}");
+        assert!(!seen(1) && !seen(3), "{format}: nothing else touched");
+    }
+}

@@ -377,6 +377,8 @@ struct Snapshot {
     messages: Vec<Message>,
     /// The server's identifier of each message (as `messages`), when `%g` needs them.
     ids: Vec<Box<str>>,
+    /// The FETCH item they came in.
+    id_item: Option<&'static str>,
 }
 
 fn open(
@@ -414,6 +416,7 @@ fn open(
             uidvalidity,
             messages: Vec::new(),
             ids: Vec::new(),
+            id_item: None,
         });
     }
     let id_item = match stable_ids {
@@ -481,6 +484,7 @@ fn open(
         uidvalidity,
         messages,
         ids: ids.into_iter().flatten().collect(),
+        id_item,
     })
 }
 
@@ -522,25 +526,78 @@ pub struct ImapMaildrop {
 }
 
 impl ImapMaildrop {
+    /// The mailbox got a new UIDVALIDITY since the listing (a rebuilt mailbox; GNU Mailutils
+    /// imap4d gives a new one between EXAMINE and SELECT): the DELE'd messages found again by
+    /// the server's identifiers, where the session has them (`%g`); else nothing is applied.
+    fn reidentify(&mut self, deleted: &[u32], exists: u32) -> Result<Vec<u32>, Error> {
+        let changed = || {
+            Error::Temp(format!(
+                "UIDVALIDITY of {} changed during the session (with --uidl-format %g the \
+                 messages would be found again by their identifiers)",
+                self.mailbox
+            ))
+        };
+        let Some(item) = self.snapshot.id_item else {
+            return Err(changed());
+        };
+        let wanted: std::collections::HashSet<&str> = self
+            .snapshot
+            .messages
+            .iter()
+            .zip(&self.snapshot.ids)
+            .filter(|(m, _)| deleted.contains(&m.uid))
+            .map(|(_, id)| &**id)
+            .collect();
+        let now = self
+            .client
+            .list(exists, &[], Some(item), usize::MAX, &|_| true)
+            .map_err(|f| to_error(Step::Other("listing again"), f))?;
+        let found: Vec<u32> = now
+            .entries
+            .iter()
+            .zip(&now.ids)
+            .filter(|(_, id)| wanted.contains(&***id))
+            .map(|(e, _)| e.uid)
+            .collect();
+        log::warning(&format!(
+            "UIDVALIDITY of {} changed during the session: the {} DELE'd messages found again \
+             by {item} as UIDs {}{}",
+            self.mailbox,
+            deleted.len(),
+            proto::uid_set(&found),
+            if found.len() < wanted.len() {
+                " (the others are gone)"
+            } else {
+                ""
+            }
+        ));
+        Ok(found)
+    }
+
     /// The UPDATE state's IMAP commands for `--on-dele`, each recorded in `applied` once the
     /// server has said OK to it.
     fn apply(
         &mut self,
         deleted: &[u32],
-        set: &str,
         applied: &mut Vec<String>,
     ) -> Result<Option<&'static str>, Error> {
-        let c = &mut self.client;
         let move_to = self.move_to.clone().unwrap_or_default();
-        let sel = c
+        let sel = self
+            .client
             .select(false, &self.mailbox)
             .map_err(|f| to_error(Step::Select(&self.mailbox), f))?;
-        if sel.uidvalidity != Some(self.snapshot.uidvalidity) {
-            return Err(Error::Temp(format!(
-                "UIDVALIDITY of {} changed during the session",
-                self.mailbox
-            )));
+        let renumbered;
+        let deleted = if sel.uidvalidity == Some(self.snapshot.uidvalidity) {
+            deleted
+        } else {
+            renumbered = self.reidentify(deleted, sel.exists)?;
+            &renumbered[..]
+        };
+        if deleted.is_empty() {
+            return Ok(None);
         }
+        let set = &proto::uid_set(deleted);
+        let c = &mut self.client;
         let (uidplus, has_move) = match &self.on_dele {
             OnDele::Expunge | OnDele::Move(_) => {
                 let caps = c
@@ -646,7 +703,7 @@ impl Maildrop for ImapMaildrop {
         }
         let set = proto::uid_set(deleted);
         let mut applied: Vec<String> = Vec::new();
-        match self.apply(deleted, &set, &mut applied) {
+        match self.apply(deleted, &mut applied) {
             Ok(remark) => {
                 log::info(&format!(
                     "update of UIDs {set} in {} applied: [{}]",
