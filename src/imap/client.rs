@@ -270,17 +270,27 @@ impl<S: Transport> Client<S> {
     }
 
     /// The next complete response, by `deadline`.
-    fn response(
-        &mut self,
-        deadline: Instant,
-        room: &dyn Fn(&VecDeque<Request>, u64) -> Option<u64>,
-    ) -> Result<Response, Failure> {
+    fn response(&mut self, deadline: Instant, room: Room<'_>) -> Result<Response, Failure> {
+        // A body asked for may come as a quoted string: that much more text is allowed.
+        let quoted = match room {
+            Room::Bodies(_) => self
+                .requests
+                .iter()
+                .filter(|r| r.open())
+                .map(|r| r.len)
+                .max(),
+            Room::None => None,
+        };
+        self.decoder.allow_quoted_body(quoted.unwrap_or(0));
         loop {
             if self.start < self.end {
                 let requests = &self.requests;
                 let fed = self
                     .decoder
-                    .feed(&self.buf[self.start..self.end], &|o| room(requests, o));
+                    .feed(&self.buf[self.start..self.end], &|o| match room {
+                        Room::Bodies(f) => f(requests, o),
+                        Room::None => None,
+                    });
                 match fed {
                     Ok((n, r)) => {
                         self.start += n;
@@ -364,7 +374,7 @@ impl<S: Transport> Client<S> {
     /// The greeting: `Ok(true)` for PREAUTH.
     pub fn greeting(&mut self) -> Result<bool, Failure> {
         let deadline = Instant::now() + self.timeout;
-        let r = self.response(deadline, &no_bodies);
+        let r = self.response(deadline, Room::None);
         let r = self.check(r)?;
         if let Response::Status { code, .. } = &r {
             self.note_caps(code);
@@ -457,7 +467,7 @@ impl<S: Transport> Client<S> {
         each: &mut dyn FnMut(Response),
     ) -> Result<Option<Code>, Failure> {
         loop {
-            match self.response(deadline, &no_bodies)? {
+            match self.response(deadline, Room::None)? {
                 Response::Tagged { tag: t, .. } if self.owed_reply(&t) => {}
                 Response::Tagged {
                     tag: t,
@@ -640,7 +650,7 @@ impl<S: Transport> Client<S> {
         let mut deadline = Instant::now() + self.timeout;
         let mut rounds = 0;
         loop {
-            match self.response(deadline, &no_bodies)? {
+            match self.response(deadline, Room::None)? {
                 Response::Continue(text) => {
                     let challenge = BASE64.decode(text.trim_ascii()).map_err(|_| {
                         self.broken(
@@ -1016,15 +1026,18 @@ impl<S: Transport> Client<S> {
         enough: impl Fn(&Self) -> bool,
     ) -> Result<(), Failure> {
         while !enough(self) {
-            let response = self.response(deadline, &|requests, origin| {
-                // Any open request's body is read (to know it came, and for whom); whether it
-                // is kept is decided below.
-                requests
-                    .iter()
-                    .filter(|r| r.offset == origin && r.open())
-                    .map(|r| r.len)
-                    .max()
-            })?;
+            let response = self.response(
+                deadline,
+                Room::Bodies(&|requests, origin| {
+                    // Any open request's body is read (to know it came, and for whom); whether it
+                    // is kept is decided below.
+                    requests
+                        .iter()
+                        .filter(|r| r.offset == origin && r.open())
+                        .map(|r| r.len)
+                        .max()
+                }),
+            )?;
             let (uid, origin, body) = match response {
                 Response::Tagged { tag, .. } if self.owed_reply(&tag) => continue,
                 Response::Tagged {
@@ -1194,8 +1207,12 @@ impl<S: Transport> Client<S> {
     }
 }
 
-fn no_bodies(_: &VecDeque<Request>, _: u64) -> Option<u64> {
-    None
+/// What a response being read may carry: no body, or the bodies of the requests open (the most
+/// octets a body at an origin may have).
+#[derive(Clone, Copy)]
+enum Room<'a> {
+    None,
+    Bodies(&'a dyn Fn(&VecDeque<Request>, u64) -> Option<u64>),
 }
 
 #[cfg(test)]

@@ -264,6 +264,9 @@ pub struct Decoder {
     may_have_literals: Option<bool>,
     depth: usize,
     state: State,
+    /// How much longer than MAX_LINE a response's text may be: a body chunk asked for may come
+    /// as a quoted string rather than a literal (a long line with no CR or LF in it).
+    quoted_room: usize,
 }
 
 impl Default for Decoder {
@@ -282,7 +285,15 @@ impl Decoder {
             may_have_literals: None,
             depth: 0,
             state: State::Line,
+            quoted_room: 0,
         }
+    }
+
+    /// Allows a response's text `len` octets beyond MAX_LINE, for a body chunk of that length
+    /// asked for, which a server may send as a quoted string (checked against what was asked
+    /// once parsed). 0 when no body is asked for.
+    pub fn allow_quoted_body(&mut self, len: u64) {
+        self.quoted_room = usize::try_from(len).unwrap_or(usize::MAX);
     }
 
     /// Octets held for the response being read: the bounds keep this small.
@@ -339,7 +350,7 @@ impl Decoder {
                         Some(i) => (&rest[..i], true),
                         None => (rest, false),
                     };
-                    if self.text.len() + part.len() > MAX_LINE {
+                    if self.text.len() + part.len() > MAX_LINE.saturating_add(self.quoted_room) {
                         return Err(Violation::LineTooLong);
                     }
                     self.text.extend_from_slice(part);
@@ -1234,6 +1245,28 @@ mod tests {
             decode(&many, 4096, &|_| Some(30000)),
             Err(Violation::LiteralTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn a_quoted_body_may_be_as_long_as_the_chunk_asked_for() {
+        let big = [
+            b"* 1 FETCH (UID 7 BODY[]<0> \"".as_slice(),
+            &vec![b'q'; 100_000],
+            b"\")\r\n",
+        ]
+        .concat();
+        assert_eq!(decode(&big, 4096, &any), Err(Violation::LineTooLong));
+        let mut d = Decoder::new();
+        d.allow_quoted_body(100_000);
+        let mut rest = &big[..];
+        let mut got = None;
+        while !rest.is_empty() {
+            let (n, r) = d.feed(rest, &any).unwrap();
+            rest = &rest[n..];
+            got = got.or(r);
+        }
+        assert!(matches!(got, Some(Response::Fetch { items, .. })
+            if matches!(&items.body, Some((0, Body::Octets(b))) if b.len() == 100_000)));
     }
 
     #[test]

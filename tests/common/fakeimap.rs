@@ -15,6 +15,13 @@
 //! also answer with any bytes at all ([`Act::Raw`]), for a server that is broken or hostile
 //! rather than merely failing: endless lines, deep nesting, drip-fed answers.
 //!
+//! What the providers that can't run here do differently is scripted too, as [`Profile`]s (Gmail,
+//! Outlook/Exchange, 163.com/126.com, a server that sends quoted bodies), each built from
+//! switches a test may also use on their own: the UID after the body
+//! ([`Builder::uid_after_body`]), SELECT refused until `ID` ([`Builder::require_id`]),
+//! PERMANENTFLAGS without keywords ([`Builder::permanent_flags`]), bodies as quoted strings
+//! ([`Builder::quoted_bodies`]). `ID` and `NAMESPACE` are answered when advertised.
+//!
 //! Also here, because both fault and hostile-input tests need it: [`Aiopopd`], the built binary
 //! on pipes with every wait bounded (a hang is a test failure, never a stuck test run), and
 //! [`run_on_socket`], the binary with fds 0, 1 and 2 all one socket, as inetd may run it.
@@ -182,6 +189,36 @@ impl Write for Raw<'_> {
     }
 }
 
+/// A provider that can't run here, as the fake plays it ([`Builder::profile`]): what it
+/// advertises, its folders, and the habits of its answers that a client written against Dovecot
+/// could trip on. A profile replaces the capabilities; messages, credentials and rules are set
+/// as usual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Gmail (imap.gmail.com): `X-GM-EXT-1`, `ID`, `NAMESPACE`, `UIDPLUS`, `MOVE`,
+    /// `SPECIAL-USE` and the rest of its list; folders under `[Gmail]/` (`All Mail` `\All`,
+    /// `Trash` `\Trash`, `Spam` `\Junk`, ...), `/` as delimiter, `[Gmail]` itself `\Noselect`;
+    /// `X-GM-MSGID` answered when asked; and the UID last in every FETCH response, after the body
+    /// literal and after FLAGS and RFC822.SIZE ([`Builder::uid_after_body`]). A client that routes
+    /// a body by a UID it expects before the literal, as Dovecot sends it, can't place Gmail's.
+    Gmail,
+    /// Outlook.com / Exchange Online (outlook.office365.com): its capability list, `Deleted
+    /// Items` (`\Trash`) and the other folders, and PERMANENTFLAGS without keywords or `\*`
+    /// ([`Builder::permanent_flags`]), so `--on-dele keyword:` can't work there. Exchange
+    /// converts each message to MIME when it is fetched, so RFC822.SIZE differs from the octets
+    /// served, both ways: give such messages with [`Builder::message_listed_as`].
+    Exchange,
+    /// 163.com / 126.com / yeah.net (NetEase): advertises `ID` and refuses SELECT and EXAMINE
+    /// (`NO SELECT Unsafe Login. Please contact kefu@188.com for help`) until the client has
+    /// sent `ID (...)` on that connection ([`Builder::require_id`]); folder names in modified
+    /// UTF-7 (`已删除`, `\Trash`). Without ID no session can open the mailbox at all.
+    NetEase,
+    /// A server that sends a body as a quoted string wherever it can (a chunk without CR, LF or
+    /// NUL, e.g. the middle of a long line, or `""` past the end) and as a literal elsewhere
+    /// ([`Builder::quoted_bodies`]); RFC 3501 allows either, so a client must read both.
+    QuotedBodies,
+}
+
 #[derive(Clone)]
 struct Rule {
     when: When,
@@ -254,6 +291,14 @@ struct State {
     folders: BTreeMap<String, Vec<Message>>,
     /// RFC 6154 attributes of folders (`\Archive`), shown by LIST.
     special_use: BTreeMap<String, String>,
+    /// FETCH answers give the UID last (Gmail).
+    uid_after_body: bool,
+    /// SELECT and EXAMINE are refused until the connection has sent ID (NetEase).
+    require_id: bool,
+    /// What SELECT says in PERMANENTFLAGS, if not the default with `\*`.
+    permanent_flags: Option<String>,
+    /// Bodies go as quoted strings where they can.
+    quoted_bodies: bool,
     rules: Vec<Rule>,
     seen: BTreeMap<String, usize>,
     received: Vec<Received>,
@@ -338,6 +383,131 @@ impl Builder {
         self
     }
 
+    /// The capabilities advertised, all of them (IMAP4rev1 included, if wanted), instead of the
+    /// default list.
+    pub fn capabilities(mut self, capabilities: &[&str]) -> Builder {
+        self.state.capabilities = capabilities.iter().map(|c| c.to_string()).collect();
+        self
+    }
+
+    /// Gmail's order: in every FETCH response the UID comes last, after FLAGS and RFC822.SIZE
+    /// in a listing and after the body literal in a body fetch
+    /// (`* 3 FETCH (BODY[]<0> {n}\r\n...octets... UID 7)`). A body can then be routed to its
+    /// message only once the literal has been read.
+    pub fn uid_after_body(mut self) -> Builder {
+        self.state.uid_after_body = true;
+        self
+    }
+
+    /// NetEase's (163.com, 126.com) rule: SELECT and EXAMINE get `NO SELECT Unsafe Login.
+    /// Please contact kefu@188.com for help` until the client has sent `ID (...)` on that
+    /// connection. Advertise `ID` too (the [`Profile::NetEase`] does), or nothing can open it.
+    pub fn require_id(mut self) -> Builder {
+        self.state.require_id = true;
+        self
+    }
+
+    /// What SELECT puts in PERMANENTFLAGS (without the parentheses), e.g. Exchange's
+    /// `\Seen \Answered \Flagged \Deleted \Draft $MDNSent`: without `\*` or the keyword,
+    /// the mailbox can't store `--on-dele keyword:NAME`. (The fake stores any flag anyway, as
+    /// servers that drop such a flag silently answer OK too.)
+    pub fn permanent_flags(mut self, flags: &str) -> Builder {
+        self.state.permanent_flags = Some(flags.to_string());
+        self
+    }
+
+    /// Bodies as quoted strings (`BODY[]<262144> "..."`, with `\\` and `\"` escaped) wherever
+    /// the octets have no CR, LF or NUL: the middle of a long line, or `""` past the end; as
+    /// literals elsewhere. RFC 3501 allows either form for any string.
+    pub fn quoted_bodies(mut self) -> Builder {
+        self.state.quoted_bodies = true;
+        self
+    }
+
+    /// Plays `profile` (see [`Profile`]): its capabilities (replacing the default list), its
+    /// folders and the switches its habits need.
+    pub fn profile(self, profile: Profile) -> Builder {
+        match profile {
+            Profile::Gmail => self
+                .capabilities(&[
+                    "IMAP4rev1",
+                    "UNSELECT",
+                    "IDLE",
+                    "NAMESPACE",
+                    "QUOTA",
+                    "ID",
+                    "XLIST",
+                    "CHILDREN",
+                    "X-GM-EXT-1",
+                    "UIDPLUS",
+                    "COMPRESS=DEFLATE",
+                    "ENABLE",
+                    "MOVE",
+                    "CONDSTORE",
+                    "ESEARCH",
+                    "UTF8=ACCEPT",
+                    "LIST-EXTENDED",
+                    "LIST-STATUS",
+                    "LITERAL-",
+                    "SPECIAL-USE",
+                    "APPENDLIMIT=35651584",
+                    "AUTH=PLAIN",
+                ])
+                .uid_after_body()
+                .special_folder("[Gmail]", "\\HasChildren \\Noselect")
+                .special_folder("[Gmail]/All Mail", "\\All \\HasNoChildren")
+                .special_folder("[Gmail]/Drafts", "\\Drafts \\HasNoChildren")
+                .special_folder("[Gmail]/Important", "\\HasNoChildren \\Important")
+                .special_folder("[Gmail]/Sent Mail", "\\HasNoChildren \\Sent")
+                .special_folder("[Gmail]/Spam", "\\HasNoChildren \\Junk")
+                .special_folder("[Gmail]/Starred", "\\Flagged \\HasNoChildren")
+                .special_folder("[Gmail]/Trash", "\\HasNoChildren \\Trash"),
+            Profile::Exchange => self
+                .capabilities(&[
+                    "IMAP4",
+                    "IMAP4rev1",
+                    "AUTH=PLAIN",
+                    "AUTH=XOAUTH2",
+                    "SASL-IR",
+                    "UIDPLUS",
+                    "MOVE",
+                    "ID",
+                    "UNSELECT",
+                    "CHILDREN",
+                    "IDLE",
+                    "NAMESPACE",
+                    "LITERAL+",
+                ])
+                .permanent_flags("\\Seen \\Answered \\Flagged \\Deleted \\Draft $MDNSent")
+                .special_folder("Archive", "\\Archive \\HasNoChildren")
+                .special_folder("Deleted Items", "\\HasNoChildren \\Trash")
+                .special_folder("Drafts", "\\Drafts \\HasNoChildren")
+                .special_folder("Junk Email", "\\HasNoChildren \\Junk")
+                .special_folder("Sent Items", "\\HasNoChildren \\Sent"),
+            // NetEase also offers STARTTLS, which the fake can't do; aiopopd uses it only when
+            // told to (or when the server says LOGINDISABLED), so it is left out.
+            Profile::NetEase => self
+                .capabilities(&[
+                    "IMAP4rev1",
+                    "XLIST",
+                    "SPECIAL-USE",
+                    "ID",
+                    "LITERAL+",
+                    "XAPPLEPUSHSERVICE",
+                    "UIDPLUS",
+                    "X-CM-EXT-1",
+                    "SASL-IR",
+                    "AUTH=XOAUTH2",
+                ])
+                .require_id()
+                // 已删除, 垃圾邮件, 已发送
+                .special_folder("&XfJSIJZk-", "\\Trash")
+                .special_folder("&V4NXPpCuTvY-", "\\Junk")
+                .special_folder("&XfJT0ZAB-", "\\Sent"),
+            Profile::QuotedBodies => self.quoted_bodies(),
+        }
+    }
+
     /// `act` at the first occurrence of `verb`.
     pub fn on(self, verb: &str, act: Act) -> Builder {
         self.on_nth(verb, 1, act)
@@ -418,6 +588,10 @@ impl FakeImap {
                 inbox: Vec::new(),
                 folders: BTreeMap::new(),
                 special_use: BTreeMap::new(),
+                uid_after_body: false,
+                require_id: false,
+                permanent_flags: None,
+                quoted_bodies: false,
                 rules: Vec::new(),
                 seen: BTreeMap::new(),
                 received: Vec::new(),
@@ -553,6 +727,7 @@ fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, stop: Arc<Atomic
                         stop,
                         selected: None,
                         logged_in: false,
+                        identified: false,
                     };
                     let _ = c.serve();
                 }));
@@ -585,6 +760,8 @@ struct Conn {
     /// The selected mailbox and whether it is read-only (EXAMINE).
     selected: Option<(String, bool)>,
     logged_in: bool,
+    /// The client sent ID on this connection.
+    identified: bool,
 }
 
 /// What the normal answer to a command is: bytes, and where a literal starts (for cuts).
@@ -892,7 +1069,21 @@ impl Conn {
                 let user = parts[1].to_vec();
                 self.check_login(tag, Some(&user), Some(parts[2]))
             }
+            // RFC 2971: in any state, from a client that says who it is.
+            "ID" if self.advertises("ID") => {
+                self.identified = true;
+                let mut a = Answer::default();
+                a.line("* ID (\"name\" \"fakeimap\")");
+                a.bytes.extend(ok("ID completed.").bytes);
+                a
+            }
             _ if !self.logged_in => tagged(tag, "BAD", "Log in first."),
+            "NAMESPACE" if self.advertises("NAMESPACE") => {
+                let mut a = Answer::default();
+                a.line("* NAMESPACE ((\"\" \"/\")) NIL NIL");
+                a.bytes.extend(ok("Namespace completed.").bytes);
+                a
+            }
             "EXAMINE" | "SELECT" => self.select(tag, verb == "EXAMINE", args),
             "FETCH" | "UID FETCH" => self.fetch(tag, verb == "UID FETCH", args),
             "UID STORE" | "STORE" => self.store(tag, verb == "UID STORE", args),
@@ -906,6 +1097,13 @@ impl Conn {
             }
             _ => tagged(tag, "BAD", "Unknown command."),
         })
+    }
+
+    fn advertises(&self, capability: &str) -> bool {
+        self.state()
+            .capabilities
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(capability))
     }
 
     fn check_login(
@@ -929,6 +1127,13 @@ impl Conn {
     fn select(&mut self, tag: &str, read_only: bool, args: &str) -> Answer {
         let name = unquote(args);
         let s = self.state();
+        if s.require_id && !self.identified {
+            return tagged(
+                tag,
+                "NO",
+                "SELECT Unsafe Login. Please contact kefu@188.com for help",
+            );
+        }
         let exists = if name.eq_ignore_ascii_case("INBOX") {
             s.inbox.len()
         } else if let Some(f) = s.folders.get(&name) {
@@ -940,6 +1145,8 @@ impl Conn {
         a.line("* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)");
         if read_only {
             a.line("* OK [PERMANENTFLAGS ()] Read-only mailbox.");
+        } else if let Some(flags) = &s.permanent_flags {
+            a.line(&format!("* OK [PERMANENTFLAGS ({flags})] Permanent flags"));
         } else {
             a.line("* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] Flags permitted.");
         }
@@ -962,6 +1169,16 @@ impl Conn {
         let (set, items) = args.split_once(' ').unwrap_or((args, ""));
         let items = items.to_ascii_uppercase();
         let partial = parse_partial(&items);
+        // Stable message ids: answered where the server has them, refused (BAD, as servers
+        // answer an item they don't know) where it doesn't.
+        let gm_msgid = items.contains("X-GM-MSGID");
+        let emailid = items.contains("EMAILID");
+        if (gm_msgid && !self.advertises("X-GM-EXT-1"))
+            || (emailid && !self.advertises("OBJECTID"))
+            || items.contains("X-GUID")
+        {
+            return tagged(tag, "BAD", "Invalid FETCH attribute.");
+        }
         let s = self.state();
         let mut a = Answer::default();
         let max = if by_uid {
@@ -974,7 +1191,11 @@ impl Conn {
             if !in_set(set, if by_uid { m.uid } else { seq }, max) {
                 continue;
             }
-            let mut attrs = vec![format!("UID {}", m.uid)];
+            let uid = format!("UID {}", m.uid);
+            let mut attrs = Vec::new();
+            if !s.uid_after_body {
+                attrs.push(uid.clone());
+            }
             if items.contains("RFC822.SIZE") {
                 let size = m.listed_size.unwrap_or(m.body.len() as u64);
                 attrs.push(format!("RFC822.SIZE {size}"));
@@ -982,20 +1203,55 @@ impl Conn {
             if items.contains("FLAGS") {
                 attrs.push(format!("FLAGS ({})", m.flags.join(" ")));
             }
-            let head = format!("* {seq} FETCH ({}", attrs.join(" "));
-            match partial {
-                Some((offset, len)) => {
-                    let start = (offset as usize).min(m.body.len());
-                    let end = (start + len as usize).min(m.body.len());
-                    let data = &m.body[start..end];
-                    let head = format!("{head} BODY[]<{offset}> {{{}}}\r\n", data.len());
-                    a.bytes.extend_from_slice(head.as_bytes());
+            if s.uid_after_body {
+                // Gmail: FLAGS before RFC822.SIZE.
+                attrs.reverse();
+            }
+            if gm_msgid {
+                attrs.push(format!(
+                    "X-GM-MSGID {}",
+                    1_600_000_000_000_000_000u64 + u64::from(m.uid)
+                ));
+            }
+            if emailid {
+                attrs.push(format!("EMAILID (M{:08x})", m.uid));
+            }
+            a.bytes
+                .extend_from_slice(format!("* {seq} FETCH ({}", attrs.join(" ")).as_bytes());
+            if let Some((offset, len)) = partial {
+                let start = (offset as usize).min(m.body.len());
+                let end = (start + len as usize).min(m.body.len());
+                let data = &m.body[start..end];
+                let space = if attrs.is_empty() { "" } else { " " };
+                a.bytes
+                    .extend_from_slice(format!("{space}BODY[]<{offset}> ").as_bytes());
+                if s.quoted_bodies && !data.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                    a.bytes.push(b'"');
+                    a.literal.get_or_insert((a.bytes.len(), data.len()));
+                    for &b in data {
+                        if b == b'"' || b == b'\\' {
+                            a.bytes.push(b'\\');
+                        }
+                        a.bytes.push(b);
+                    }
+                    a.bytes.push(b'"');
+                } else {
+                    a.bytes
+                        .extend_from_slice(format!("{{{}}}\r\n", data.len()).as_bytes());
                     a.literal.get_or_insert((a.bytes.len(), data.len()));
                     a.bytes.extend_from_slice(data);
-                    a.bytes.extend_from_slice(b")\r\n");
                 }
-                None => a.line(&format!("{head})")),
             }
+            if s.uid_after_body {
+                let space = if attrs.is_empty() && partial.is_none() {
+                    ""
+                } else {
+                    " "
+                };
+                a.bytes
+                    .extend_from_slice(format!("{space}{uid}").as_bytes());
+            }
+            a.bytes.extend_from_slice(b")\r\n");
         }
         drop(s);
         a.bytes.extend(tagged(tag, "OK", "Fetch completed.").bytes);
