@@ -38,7 +38,10 @@ POP3 side:
                              to the IMAP server (-H), never decoded
       --on-dele ACTION       seen (default), keyword:NAME, expunge, move:FOLDER, keep
       --uidl-format FMT      default %08Xu%08Xv (Dovecot's): %u UID, %v UIDVALIDITY,
-                             %g the server's message id (survives a UIDVALIDITY change)
+                             %g the server's message id (survives a UIDVALIDITY change),
+                             %m a digest of the header (survives a move of server too)
+      --state-dir DIR        where %m's digests are kept (default $STATE_DIRECTORY,
+                             else /var/lib/aiopopd)
       --max-messages N       list at most N messages (oldest first)
       --timeout SECS         idle timeout towards the client (default 600)
       --auth-failure-delay SECS  wait before answering a refused login (default 2; 0: none)
@@ -159,6 +162,15 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         None => UidlFormat::default(),
     };
     let max_messages: Option<usize> = a.opt_value_from_str("--max-messages").map_err(arg)?;
+    // systemd's StateDirectory= sets STATE_DIRECTORY (several paths colon-separated).
+    let state_dir: Option<PathBuf> = a
+        .opt_value_from_os_str("--state-dir", path)
+        .map_err(arg)?
+        .or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                .and_then(|v| std::env::split_paths(&v).next())
+                .or_else(|| Some(PathBuf::from("/var/lib/aiopopd")))
+        });
     if max_messages == Some(0) {
         return Err("--max-messages must be at least 1".into());
     }
@@ -258,7 +270,14 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
             on_dele,
             max_messages,
             timeout: imap_timeout,
-            stable_ids: uidl_format.needs_server_id(),
+            ids: if uidl_format.needs_server_id() {
+                imap::Ids::Server
+            } else if uidl_format.needs_header_digest() {
+                imap::Ids::HeaderDigest
+            } else {
+                imap::Ids::None
+            },
+            state_dir,
         },
         tls,
         allow_plaintext_auth,

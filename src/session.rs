@@ -473,12 +473,12 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    /// With `%g`, every UIDL at once: two messages the server gives the same identifier must
-    /// still differ (a later one gets its UID appended), and which one does mustn't change
+    /// With `%g` or `%m`, every UIDL at once: two messages with the same identifier must
+    /// still differ (a later one gets `.2`, `.3`, ... appended), and which one does mustn't change
     /// from one session to the next.
     fn uidls(&self, drop: &B::Maildrop) -> Option<Vec<String>> {
         let format = &self.settings.uidl_format;
-        if !format.needs_server_id() {
+        if !format.needs_id() {
             return None;
         }
         let v = drop.uidvalidity();
@@ -492,8 +492,8 @@ impl<B: Backend> Session<B> {
         let changed = crate::uidl::make_unique(&mut uidls, &uids);
         if !changed.is_empty() {
             log::warning(&format!(
-                "the IMAP server gave messages the same identifier: UIDs {} get their UID \
-                 appended to stay unique",
+                "messages with the same identifier: UIDs {} get .2, .3, ... appended to stay \
+                 unique",
                 changed
                     .iter()
                     .map(u32::to_string)

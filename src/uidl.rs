@@ -4,7 +4,8 @@
 //! The syntax follows Dovecot's `pop3_uidl_format` for the variables that make sense over
 //! IMAP: `%u` (UID) and `%v` (UIDVALIDITY), with an optional zero-padded width and `X` for
 //! lower-case hex (Dovecot prints `%X` in lower case), `%g` (the server's stable identifier:
-//! EMAILID, X-GM-MSGID or X-GUID; it survives a UIDVALIDITY change), and `%%`. The default,
+//! EMAILID, X-GM-MSGID or X-GUID; it survives a UIDVALIDITY change), `%m` (a digest of the
+//! header, `imap/digest.rs`; it survives a move to another server too), and `%%`. The default,
 //! `%08Xu%08Xv`, is Dovecot's, so a mailbox that moves from Dovecot's POP3 to aiopopd keeps its
 //! UIDLs and clients don't download everything again.
 
@@ -20,6 +21,8 @@ enum Part {
     },
     /// `%g`.
     ServerId,
+    /// `%m`.
+    HeaderDigest,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,12 +58,17 @@ impl UidlFormat {
             if hex {
                 chars.next();
             }
-            if chars.peek() == Some(&'g') && width == 0 && !hex {
+            let id_part = match chars.peek() {
+                Some('g') => Some(Part::ServerId),
+                Some('m') => Some(Part::HeaderDigest),
+                _ => None,
+            };
+            if let Some(part) = id_part.filter(|_| width == 0 && !hex) {
                 chars.next();
                 if !lit.is_empty() {
                     parts.push(Part::Literal(std::mem::take(&mut lit)));
                 }
-                parts.push(Part::ServerId);
+                parts.push(part);
                 continue;
             }
             let uid = match chars.next() {
@@ -87,11 +95,19 @@ impl UidlFormat {
             parts.push(Part::Literal(lit));
         }
         let f = UidlFormat(parts);
-        let unique = |p: &Part| matches!(p, Part::Var { uid: true, .. } | Part::ServerId);
+        let unique = |p: &Part| {
+            matches!(
+                p,
+                Part::Var { uid: true, .. } | Part::ServerId | Part::HeaderDigest
+            )
+        };
         if !f.0.iter().any(unique) {
             return Err(
-                "the format must contain %u or %g, or every message gets the same UIDL".into(),
+                "the format must contain %u, %g or %m, or every message gets the same UIDL".into(),
             );
+        }
+        if f.needs_server_id() && f.needs_header_digest() {
+            return Err("use %g or %m, not both".into());
         }
         // The longest result is with the largest values (widest numbers); an identifier is
         // made to fit (see `format`).
@@ -112,6 +128,17 @@ impl UidlFormat {
         self.0.contains(&Part::ServerId)
     }
 
+    /// True if the format needs a digest of each message's header (`%m`).
+    pub fn needs_header_digest(&self) -> bool {
+        self.0.contains(&Part::HeaderDigest)
+    }
+
+    /// True if each message's UIDL needs something from the server besides UID and
+    /// UIDVALIDITY (`%g` or `%m`): the identifier passed to `format`.
+    pub fn needs_id(&self) -> bool {
+        self.needs_server_id() || self.needs_header_digest()
+    }
+
     /// The UIDL. `id` is the server's identifier for `%g` (required then); one that would make
     /// the UIDL longer than POP3 allows is replaced by its MD5 in hex, deterministically.
     pub fn format(&self, uid: u32, uidvalidity: u32, id: Option<&str>) -> String {
@@ -120,7 +147,7 @@ impl UidlFormat {
             // Writing to a String can't fail.
             let _ = match *p {
                 Part::Literal(ref l) => s.write_str(l),
-                Part::ServerId => s.write_str(id.unwrap_or("")),
+                Part::ServerId | Part::HeaderDigest => s.write_str(id.unwrap_or("")),
                 Part::Var {
                     width,
                     hex,
@@ -155,20 +182,29 @@ fn md5_hex(data: &[u8]) -> String {
     })
 }
 
-/// Makes the UIDLs of one session unique, deterministically: a UIDL already given to an earlier
-/// message (two messages with the same server identifier) gets `.` and the message's UID in
-/// hex appended (cut to fit). Returns the UIDs that were changed, for the log.
+/// Makes the UIDLs of one session unique, deterministically: the second message (in mailbox
+/// order) with a UIDL already given gets `.2` appended, the third `.3`, and so on (cut to fit).
+/// Not the UID: after a move to another server the UIDs differ, the order doesn't. Returns
+/// the UIDs of the messages changed, for the log.
 pub fn make_unique(uidls: &mut [String], uids: &[u32]) -> Vec<u32> {
     let mut seen = std::collections::HashSet::new();
     let mut changed = Vec::new();
     for (u, &uid) in uidls.iter_mut().zip(uids) {
-        if !seen.insert(u.clone()) {
-            let suffix = format!(".{uid:x}");
-            u.truncate(MAX_LEN - suffix.len());
-            u.push_str(&suffix);
-            seen.insert(u.clone());
-            changed.push(uid);
+        if seen.insert(u.clone()) {
+            continue;
         }
+        let base = u.clone();
+        for n in 2.. {
+            let suffix = format!(".{n}");
+            let mut candidate = base.clone();
+            candidate.truncate(MAX_LEN - suffix.len());
+            candidate.push_str(&suffix);
+            if seen.insert(candidate.clone()) {
+                *u = candidate;
+                break;
+            }
+        }
+        changed.push(uid);
     }
     changed
 }
@@ -211,8 +247,15 @@ mod tests {
         assert_eq!(u, f.format(4, 1, Some(&long)), "deterministic");
         let mut uidls = vec!["a".to_string(), "b".into(), "a".into(), "a".into()];
         assert_eq!(make_unique(&mut uidls, &[1, 2, 10, 11]), [10, 11]);
-        assert_eq!(uidls, ["a", "b", "a.a", "a.b"]);
+        assert_eq!(uidls, ["a", "b", "a.2", "a.3"]);
+        // A suffixed UIDL never takes another message's own.
+        let mut uidls = vec!["a".to_string(), "a.2".into(), "a".into()];
+        make_unique(&mut uidls, &[1, 2, 3]);
+        assert_eq!(uidls, ["a", "a.2", "a.3"]);
         assert!(UidlFormat::parse("G%g").is_ok() && UidlFormat::parse("%5g").is_err());
+        let m = UidlFormat::parse("%m").unwrap();
+        assert!(m.needs_header_digest() && m.needs_id() && !m.needs_server_id());
+        assert!(UidlFormat::parse("%g%m").is_err());
     }
 
     #[test]

@@ -1179,17 +1179,20 @@ fn server_ids_asked_of_a_server_without_them_is_a_configuration_error() {
 
 /// A UIDVALIDITY that moves between the listing and the update (GNU Mailutils imap4d gives a
 /// new one between EXAMINE and SELECT; here Dovecot is told to mid-session): with `%g` the
-/// DELE'd message is found again by its identifier and gets its `\Seen`; with the default
+/// DELE'd message is found again by its identifier (or header digest, `%m`) and gets its
+/// `\Seen`; with the default
 /// format nothing is applied and the client is told.
 #[test]
 fn a_uidvalidity_change_mid_session_is_survived_with_server_ids() {
-    for (format, applied) in [("%g", true), ("%08Xu%08Xv", false)] {
+    let state = tempfile::tempdir().unwrap();
+    for (format, applied) in [("%g", true), ("%m", true), ("%08Xu%08Xv", false)] {
         let d = Dovecot::start();
         for i in 1..=3 {
             d.deliver("alice", "INBOX", &msg(i));
         }
         let mut a = dovecot_args(&d);
-        a.extend(["--uidl-format".to_string(), format.to_string()]);
+        a.extend(["--uidl-format", format, "--state-dir"].map(String::from));
+        a.push(state.path().to_str().unwrap().to_string());
         let p = Aiopopd::spawn(&a);
         p.send(format!("{LOGIN}STAT\r\n").as_bytes());
         assert!(p.wait_for_replies(4, LIMIT), "{format}");
@@ -1214,4 +1217,38 @@ fn a_uidvalidity_change_mid_session_is_survived_with_server_ids() {
         assert_eq!(seen(2), applied, "{format}");
         assert!(!seen(1) && !seen(3), "{format}: nothing else touched");
     }
+}
+
+/// `%m` reads each header once: the digests are kept under `--state-dir`, so the next session
+/// fetches no header at all (and one that finds the cache gone only fetches them again).
+#[test]
+fn header_digests_are_cached_between_sessions() {
+    let fake = three().start();
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap();
+    let fetches = || {
+        fake.commands()
+            .iter()
+            .filter(|c| c.starts_with("UID FETCH"))
+            .count()
+    };
+    let args = ["--uidl-format", "%m", "--state-dir", dir];
+    let first = run(&fake, &args, &format!("{LOGIN}UIDL\r\nQUIT\r\n"));
+    assert_eq!(fetches(), 3, "{:?}", fake.commands());
+    let second = run(&fake, &args, &format!("{LOGIN}UIDL\r\nQUIT\r\n"));
+    assert_eq!(
+        fetches(),
+        3,
+        "no header fetched again: {:?}",
+        fake.commands()
+    );
+    assert_eq!(replies(&first), replies(&second));
+    std::fs::remove_dir_all(state.path().join("uidl-digests")).unwrap();
+    let third = run(&fake, &args, &format!("{LOGIN}UIDL\r\nQUIT\r\n"));
+    assert_eq!(fetches(), 6);
+    assert_eq!(
+        replies(&first),
+        replies(&third),
+        "a lost cache is only slower"
+    );
 }

@@ -607,3 +607,72 @@ fn server_ids_as_uidls_survive_a_uidvalidity_change() {
         "while the default format's all change"
     );
 }
+
+/// `--uidl-format %m`: the MD5 of each message's header section, the same after a new
+/// UIDVALIDITY and on a second server the mail was moved to by re-delivery (new UIDs, new
+/// UIDVALIDITY); two messages with the same header still get distinct UIDLs.
+#[test]
+fn header_digests_as_uidls_survive_a_rebuild_and_a_move() {
+    use md5::{Digest, Md5};
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let d = Dovecot::start();
+    three(&d);
+    let twin = b"Subject: twin\r\n\r\nsame header, same body\r\n";
+    d.deliver("alice", "INBOX", twin);
+    d.deliver("alice", "INBOX", twin);
+    let uidls = |d: &Dovecot| {
+        let r = run(
+            d,
+            &["--uidl-format", "%m", "--state-dir", state_dir],
+            &format!("{LOGIN}UIDL\r\nQUIT\r\n"),
+        );
+        assert!(r[3].ok(), "{r:?}");
+        r[3].body_str().to_string()
+    };
+    let before = uidls(&d);
+    let bodies = d.imap_bodies("alice", "alice-pw", "INBOX");
+    let hex = |b: &[u8]| -> String {
+        let end = b
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(b.len(), |i| i + 4);
+        Md5::digest(&b[..end])
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect()
+    };
+    let lines: Vec<&str> = before.lines().collect();
+    assert_eq!(lines.len(), 5);
+    for (i, (_, body)) in bodies.iter().enumerate().take(4) {
+        assert_eq!(lines[i], format!("{} {}", i + 1, hex(body)), "{before}");
+    }
+    assert!(
+        lines[4] == format!("5 {}.2", hex(twin)),
+        "the second twin gets .2: {before}"
+    );
+    // Warm cache, then a new UIDVALIDITY (the cache is stale: every header read again).
+    assert_eq!(uidls(&d), before);
+    d.doveadm(&[
+        "mailbox",
+        "update",
+        "-u",
+        "alice",
+        "--uid-validity",
+        "777",
+        "INBOX",
+    ]);
+    assert_eq!(uidls(&d), before, "the same after the UIDVALIDITY change");
+    // Moved to another server by re-delivering every message: new UIDs and UIDVALIDITY.
+    let moved = Dovecot::start();
+    moved.deliver(
+        "alice",
+        "INBOX",
+        b"Subject: spacer\r\n\r\nso the UIDs differ\r\n",
+    );
+    moved.doveadm(&["expunge", "-u", "alice", "mailbox", "INBOX", "all"]);
+    for (_, body) in &bodies {
+        moved.deliver("alice", "INBOX", body);
+    }
+    assert_eq!(uidls(&moved), before, "the same on the other server");
+}

@@ -6,7 +6,7 @@
 
 use super::client::{Client, Entry, Failure, MailboxEntry};
 use super::transport::{self, Stream, Timed};
-use super::{proto, OnDele, Settings};
+use super::{digest, proto, OnDele, Settings};
 use crate::account::{Security, Server, Source};
 use crate::log;
 use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
@@ -81,7 +81,13 @@ impl ImapBackend {
 
     /// After LOGIN or AUTHENTICATE: say who we are if asked, open the mailbox and take the
     /// snapshot.
-    fn open_maildrop(&self, mut client: Conn, mailbox: String) -> Result<ImapMaildrop, Error> {
+    /// `cache_key` names whose `%m` digests these are (user, server, mailbox); `None` keeps none.
+    fn open_maildrop(
+        &self,
+        mut client: Conn,
+        mailbox: String,
+        cache_key: Option<String>,
+    ) -> Result<ImapMaildrop, Error> {
         let s = &self.settings;
         identify(&mut client);
         let mut opened = || -> Result<_, Error> {
@@ -91,13 +97,15 @@ impl ImapBackend {
                 OnDele::Move(folder) => Some(resolve(&mut client, folder)?),
                 _ => None,
             };
-            let snapshot = open(
-                &mut client,
-                &mailbox,
-                &s.on_dele,
-                s.max_messages,
-                s.stable_ids,
-            )?;
+            let mut snapshot = open(&mut client, &mailbox, &s.on_dele, s.max_messages, s.ids)?;
+            if s.ids == super::Ids::HeaderDigest {
+                let dir = s.state_dir.as_deref().filter(|_| cache_key.is_some());
+                let key = cache_key.as_deref().unwrap_or("");
+                let mut cache = digest::Cache::open(dir, key, snapshot.uidvalidity);
+                add_digests(&mut client, &mut snapshot, &mut cache, &mailbox)?;
+                let uids: Vec<u32> = snapshot.messages.iter().map(|m| m.uid).collect();
+                cache.save(&uids);
+            }
             Ok((mailbox, move_to, snapshot))
         };
         match opened() {
@@ -334,7 +342,11 @@ impl Backend for ImapBackend {
         client
             .login(&account.username, password)
             .map_err(|f| dropped(Step::Login, f))?;
-        self.open_maildrop(client, account.mailbox)
+        let key = format!(
+            "{}\0{}:{}\0{}",
+            account.username, account.server.host, account.server.port, account.mailbox
+        );
+        self.open_maildrop(client, account.mailbox, Some(key))
     }
 
     /// Only with a fixed server (config refuses relayed mechanisms with --user-dir: the server
@@ -366,7 +378,8 @@ impl Backend for ImapBackend {
         })
         .map_err(|f| dropped(Step::Login, f))?;
         let mailbox = self.settings.accounts.mailbox.clone();
-        self.open_maildrop(conn, mailbox)
+        // The user isn't known here (the exchange was relayed): no %m cache to name.
+        self.open_maildrop(conn, mailbox, None)
     }
 }
 
@@ -386,7 +399,7 @@ fn open(
     mailbox: &str,
     on_dele: &OnDele,
     max: Option<usize>,
-    stable_ids: bool,
+    ids: super::Ids,
 ) -> Result<Snapshot, Error> {
     let step = Step::Select(mailbox);
     if let OnDele::Keyword(k) = on_dele {
@@ -419,9 +432,9 @@ fn open(
             id_item: None,
         });
     }
-    let id_item = match stable_ids {
-        true => Some(id_item(client)?),
-        false => None,
+    let id_item = match ids {
+        super::Ids::Server => Some(id_item(client)?),
+        _ => None,
     };
     // The flag that takes a message out of the listing, if any. `\Deleted` mail is gone as
     // far as expunge and move are concerned (left so where an exact EXPUNGE was impossible):
@@ -488,6 +501,39 @@ fn open(
     })
 }
 
+/// `%m`: every listed message's header digest as its identifier; one gone meanwhile is left out.
+fn add_digests(
+    client: &mut Conn,
+    snapshot: &mut Snapshot,
+    cache: &mut digest::Cache,
+    mailbox: &str,
+) -> Result<(), Error> {
+    let uids: Vec<u32> = snapshot.messages.iter().map(|m| m.uid).collect();
+    let digests = digest::digests(client, cache, &uids)
+        .map_err(|f| to_error(Step::Other("reading headers for %m"), f))?;
+    let mut kept = Vec::with_capacity(uids.len());
+    let mut ids = Vec::with_capacity(uids.len());
+    for (m, d) in snapshot.messages.iter().zip(digests) {
+        match d {
+            Some(d) => {
+                kept.push(*m);
+                ids.push(d.into_boxed_str());
+            }
+            None => log::warning(&format!(
+                "{mailbox}: UID {} left out of the listing: gone before its header was read",
+                m.uid
+            )),
+        }
+    }
+    snapshot.messages = kept;
+    snapshot.ids = ids;
+    snapshot.id_item = Some(DIGEST);
+    Ok(())
+}
+
+/// `id_item` of a snapshot whose identifiers are `%m` digests rather than a FETCH item.
+const DIGEST: &str = "%m";
+
 /// The FETCH item that carries the server's own stable identifier of a message, for
 /// `--uidl-format %g`: RFC 8474's EMAILID (OBJECTID: Cyrus, Fastmail, Stalwart), Gmail's
 /// X-GM-MSGID, or Dovecot's X-GUID (which Dovecot doesn't advertise: asked once to see).
@@ -532,8 +578,8 @@ impl ImapMaildrop {
     fn reidentify(&mut self, deleted: &[u32], exists: u32) -> Result<Vec<u32>, Error> {
         let changed = || {
             Error::Temp(format!(
-                "UIDVALIDITY of {} changed during the session (with --uidl-format %g the \
-                 messages would be found again by their identifiers)",
+                "UIDVALIDITY of {} changed during the session (with --uidl-format %g or %m \
+                 the messages would be found again by their identifiers)",
                 self.mailbox
             ))
         };
@@ -548,10 +594,25 @@ impl ImapMaildrop {
             .filter(|(m, _)| deleted.contains(&m.uid))
             .map(|(_, id)| &**id)
             .collect();
-        let now = self
+        let fetch_item = Some(item).filter(|i| *i != DIGEST);
+        let mut now = self
             .client
-            .list(exists, &[], Some(item), usize::MAX, &|_| true)
+            .list(exists, &[], fetch_item, usize::MAX, &|_| true)
             .map_err(|f| to_error(Step::Other("listing again"), f))?;
+        if fetch_item.is_none() {
+            // Digests: every header read again (the cache was for the old UIDVALIDITY).
+            let uids: Vec<u32> = now.entries.iter().map(|e| e.uid).collect();
+            let mut none = digest::Cache::open(None, "", 0);
+            let digests = digest::digests(&mut self.client, &mut none, &uids)
+                .map_err(|f| to_error(Step::Other("reading headers for %m"), f))?;
+            let (entries, ids): (Vec<_>, Vec<_>) = now
+                .entries
+                .iter()
+                .zip(digests)
+                .filter_map(|(e, d)| Some((*e, d?.into_boxed_str())))
+                .unzip();
+            (now.entries, now.ids) = (entries, ids);
+        }
         let found: Vec<u32> = now
             .entries
             .iter()

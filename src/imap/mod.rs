@@ -5,6 +5,7 @@
 //! - `client`: the blocking driver. One buffer, tags, a deadline per command, the queue of
 //!   body fetches sent ahead, a failure that sticks.
 //! - `transport`: TCP and TLS (native-tls), timeouts.
+//! - `digest`: `%m`, the header digests and their cache under `--state-dir`.
 //! - `maildrop`: the `Maildrop` and `Backend` implementations: connect, STARTTLS, log in,
 //!   snapshot, bodies, the UPDATE at QUIT. The one place IMAP failures become maildrop errors.
 //!
@@ -12,6 +13,7 @@
 //! [`Settings`], an [`crate::account::Account`] and a [`crate::secret::Secret`].
 
 pub mod client;
+pub mod digest;
 pub mod maildrop;
 pub mod proto;
 pub mod transport;
@@ -47,6 +49,18 @@ pub struct Settings {
     pub max_messages: Option<usize>,
     /// Connecting, and each command from send to its tagged reply.
     pub timeout: Duration,
-    /// List each message's stable identifier (`--uidl-format %g`).
-    pub stable_ids: bool,
+    /// What identifies each message besides its UID (`--uidl-format %g`, `%m`).
+    pub ids: Ids,
+    /// Where the `%m` digests are kept between sessions (`--state-dir`).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// What each message's UIDL needs from the server besides UID and UIDVALIDITY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ids {
+    None,
+    /// `%g`: the server's own identifier.
+    Server,
+    /// `%m`: a digest of the header.
+    HeaderDigest,
 }
