@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::fakeimap::{run_within, FakeImap, Finished, Profile};
+use common::fakeimap::{run_within, Act, FakeImap, Finished, Profile};
 use common::pop3::{expected_retr, expected_top, replies, Reply};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -575,4 +575,32 @@ fn the_fake_plays_each_profiles_habits_on_the_wire() {
         wire.contains("[PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft $MDNSent)]"),
         "{wire}"
     );
+}
+
+/// `--uidl-format %g` against Gmail: the UIDL is Gmail's X-GM-MSGID (fetched with the listing),
+/// and a UIDVALIDITY that changes between the listing and QUIT doesn't stop the DELE'd message
+/// from being found again by it and moved to the trash.
+#[test]
+fn gmail_msgids_are_the_uidls_and_find_messages_after_a_uidvalidity_change() {
+    let fake = FakeImap::builder()
+        .profile(Profile::Gmail)
+        .message(&msg(1))
+        .message(&msg(2))
+        .on("SELECT", Act::SetUidvalidity(99))
+        .start();
+    let (_, rep) = session(
+        &fake,
+        &["--uidl-format", "%g", "--on-dele", "move:\\Trash"],
+        &["UIDL", "DELE 2", "QUIT"],
+    );
+    let ids: Vec<String> = fake
+        .inbox()
+        .iter()
+        .map(|(uid, _)| (1_600_000_000_000_000_000u64 + u64::from(*uid)).to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "the DELE'd one moved: {:?}", fake.inbox());
+    let listed = lines(&rep[2]);
+    assert_eq!(listed[0], format!("1 {}", ids[0]), "{listed:?}");
+    assert!(rep[4].ok(), "QUIT: {rep:?}");
+    assert_eq!(fake.folder("[Gmail]/Trash").len(), 1);
 }
