@@ -909,6 +909,55 @@ impl Bench {
         ));
     }
 
+    /// Workload 4b: `--uidl-format %m` on the smallest scale mailbox, each header read (cold:
+    /// no cache under --state-dir) or the digests kept from the session before (warm), against
+    /// the default format. Target: warm ≤ 1.2× the default.
+    fn header_digests(&mut self) -> String {
+        let Some(&n) = self.plan.scale.first() else {
+            return String::new();
+        };
+        let state = tempfile::tempdir().expect("temp dir");
+        let dir = state.path().to_str().expect("utf-8 path").to_string();
+        let cold_dir = state.path().join("cold");
+        let cold_arg = cold_dir.to_str().expect("utf-8 path").to_string();
+        let plain = self.activator(&[]);
+        let warm = self.activator(&["--uidl-format", "%m", "--state-dir", &dir]);
+        let cold = self.activator(&["--uidl-format", "%m", "--state-dir", &cold_arg]);
+        let named = |act: &Activator, name: &'static str| Server {
+            name,
+            ..Server::aiopopd(act, "")
+        };
+        let servers = [
+            named(&plain, "%08Xu%08Xv"),
+            named(&warm, "%m, warm cache"),
+            named(&cold, "%m, cold cache"),
+        ];
+        let user = format!("scale{n}");
+        let samples = interleave(&servers, 1, self.opts.reps.min(5), &self.failures, |srv| {
+            if srv.name.contains("cold") {
+                let _ = std::fs::remove_dir_all(&cold_dir);
+            }
+            stat_uidl(srv, &user, n)
+        });
+        let m = |name: &str| median(samples.get(name).map_or(&[][..], |v| &v[..]));
+        let (d, w, c) = (
+            m("%08Xu%08Xv"),
+            m("%m, warm cache"),
+            m("%m, cold cache"),
+        );
+        let line = format!(
+            "{n} messages, login + STAT + UIDL + QUIT: default format {}, %m warm cache {} \
+             ({}), %m cold cache {} ({}); target: warm ≤ 1.2×",
+            fmt_time(d),
+            fmt_time(w),
+            ratio(w, d),
+            fmt_time(c),
+            ratio(c, d)
+        );
+        println!("\n== 4b. --uidl-format %m\n  {line}");
+        format!("\n\n**4b. `--uidl-format %m`** (header digests, cached under --state-dir): {line}.")
+    }
+
     /// Workload 4.
     fn scale(&mut self) {
         let act = self.activator(&[]);
@@ -1025,6 +1074,7 @@ impl Bench {
         }
         let t = table.markdown();
         println!("\n{t}\n{}", growth.join("\n"));
+        let digests = self.header_digests();
         self.md.push(format!(
             "### 4. Scale\n\n\
              USER, PASS, STAT, UIDL, QUIT on mailboxes of {}-octet messages (one copy, read by \
@@ -1041,6 +1091,7 @@ impl Bench {
                 .collect::<Vec<_>>()
                 .join(" ")
         ));
+        self.md.push(digests);
         drop((act, counted));
     }
 
