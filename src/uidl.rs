@@ -111,10 +111,12 @@ impl UidlFormat {
         }
         // The longest result is with the largest values (widest numbers); an identifier is
         // made to fit (see `format`).
+        // With an identifier as long as one may be after `format` shortens it (an MD5 in hex).
+        let id = "x".repeat(32);
         let longest = f
-            .format(u32::MAX, u32::MAX, Some("x"))
+            .format(u32::MAX, u32::MAX, Some(&id))
             .len()
-            .max(f.format(0, 0, Some("x")).len());
+            .max(f.format(0, 0, Some(&id)).len());
         if longest > MAX_LEN {
             return Err(format!(
                 "results can be {longest} characters; POP3 allows 70"
@@ -256,6 +258,15 @@ mod tests {
         let m = UidlFormat::parse("%m").unwrap();
         assert!(m.needs_header_digest() && m.needs_id() && !m.needs_server_id());
         assert!(UidlFormat::parse("%g%m").is_err());
+    }
+
+    #[test]
+    fn uidls_never_exceed_70() {
+        assert!(UidlFormat::parse(&format!("{}%g", "a".repeat(48))).is_err());
+        let f = UidlFormat::parse(&format!("{}%g", "a".repeat(38))).unwrap();
+        for id in ["b".repeat(30), "c".repeat(40), "d".repeat(255)] {
+            assert!(f.format(1, 1, Some(&id)).len() <= MAX_LEN);
+        }
     }
 
     #[test]

@@ -1252,3 +1252,63 @@ fn header_digests_are_cached_between_sessions() {
         "a lost cache is only slower"
     );
 }
+
+/// Two messages with the same server identifier (a copy keeps its EMAILID or X-GUID); the
+/// client DELEs one; UIDVALIDITY moves before QUIT: nothing tells which copy was DELE'd, so
+/// nothing is applied and the client is told (never the copy it didn't DELE).
+#[test]
+fn after_a_uidvalidity_change_a_shared_identifier_applies_nothing() {
+    let sizes: Vec<usize> = (1..=3).map(|i| msg(i).len()).collect();
+    let fake = three()
+        .capability("OBJECTID")
+        .on_listing(Act::raw(move |r| {
+            let t = r.tag.to_string();
+            let s = format!(
+                "* 1 FETCH (UID 1 RFC822.SIZE {} FLAGS () EMAILID (Mdup))\r\n\
+                 * 2 FETCH (UID 2 RFC822.SIZE {} FLAGS () EMAILID (Mother))\r\n\
+                 * 3 FETCH (UID 3 RFC822.SIZE {} FLAGS () EMAILID (Mdup))\r\n{t} OK done\r\n",
+                sizes[0], sizes[1], sizes[2]
+            );
+            r.write_all(s.as_bytes())?;
+            r.flush()
+        }))
+        .on("SELECT", Act::SetUidvalidity(98765))
+        .start();
+    let r = run(
+        &fake,
+        &["--uidl-format", "%g"],
+        &format!("{LOGIN}UIDL\r\nDELE 1\r\nQUIT\r\n"),
+    );
+    assert_eq!(
+        replies(&r).last().map(String::as_str),
+        Some("-ERR [SYS/TEMP] Some deleted messages were not removed.")
+    );
+    assert!(fake.mutations().is_empty(), "{:?}", fake.mutations());
+}
+
+/// Without UIDPLUS, an answer to `UID SEARCH DELETED` that isn't a clean `* SEARCH` (IMAP4rev2's
+/// ESEARCH, a bare OK, garbage) is "don't know": no plain EXPUNGE, another client's `\Deleted`
+/// UID 4 survives.
+#[test]
+fn without_uidplus_an_unclear_search_answer_expunges_nothing() {
+    for answer in [
+        "* ESEARCH (TAG \"{tag}\") UID ALL 4\r\n{tag} OK done\r\n",
+        "{tag} OK done\r\n",
+        "* SEARCH 1 4x\r\n{tag} OK done\r\n",
+    ] {
+        let fake = three()
+            .message_with_flags(&msg(4), &["\\Deleted"])
+            .without("UIDPLUS")
+            .without("MOVE")
+            .on("UID SEARCH", Act::Reply(answer.into()))
+            .start();
+        let r = run(
+            &fake,
+            &["--on-dele", "expunge"],
+            &format!("{LOGIN}DELE 1\r\nQUIT\r\n"),
+        );
+        assert!(replies(&r).last().unwrap().contains("UIDPLUS"), "{answer}");
+        let left: Vec<u32> = fake.inbox().iter().map(|m| m.0).collect();
+        assert_eq!(left, [1, 2, 3, 4], "{answer}: {:?}", fake.mutations());
+    }
+}

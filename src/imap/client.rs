@@ -699,7 +699,10 @@ impl<S: Transport> Client<S> {
                     text,
                 } if t == tag.as_bytes() => {
                     return match status {
-                        Status::Ok => Ok(code),
+                        Status::Ok => {
+                            self.note_caps(&code);
+                            Ok(code)
+                        }
                         Status::No => Err(self.refused(code, &text)),
                         // A BAD to AUTHENTICATE is a refusal too (Dovecot: a cancelled exchange).
                         _ => Err(self.refused(code, &format!("BAD {text}"))),
@@ -782,7 +785,9 @@ impl<S: Transport> Client<S> {
                 name,
             } = r
             {
-                if found.len() < MAX_LISTED_MAILBOXES {
+                // Names and attributes of absurd length are not kept (memory bound).
+                let sane = name.len() <= 1024 && attributes.len() <= 16;
+                if found.len() < MAX_LISTED_MAILBOXES && sane {
                     found.push(MailboxEntry {
                         attributes,
                         delimiter,
@@ -956,14 +961,23 @@ impl<S: Transport> Client<S> {
     }
 
     /// `UID SEARCH criteria`: the UIDs found.
-    pub fn uid_search(&mut self, criteria: &str) -> Result<Vec<u32>, Failure> {
-        let mut uids = Vec::new();
+    /// `None` unless a `* SEARCH` answer came, every token a UID, and at most [`MAX_LISTED`]
+    /// of them: a deletion may depend on the answer, so anything else is "don't know".
+    pub fn uid_search(&mut self, criteria: &str) -> Result<Option<Vec<u32>>, Failure> {
+        let mut uids = Some(Vec::new());
+        let mut answered = false;
         self.run(format!("UID SEARCH {criteria}").as_bytes(), &mut |r| {
             if let Response::Search(found) = r {
-                uids.extend(found);
+                answered = true;
+                if let Some(u) = uids.as_mut() {
+                    u.extend(found);
+                    if u.len() > MAX_LISTED {
+                        uids = None;
+                    }
+                }
             }
         })?;
-        Ok(uids)
+        Ok(uids.filter(|_| answered))
     }
 
     /// Ends the session politely; errors don't matter any more.
@@ -1677,6 +1691,56 @@ mod tests {
         assert_eq!((s.exists, s.uidvalidity), (3, Some(77)));
         assert_eq!(s.permanent_flags.unwrap(), ["\\Seen", "$Popped", "\\*"]);
         assert_eq!(sent(&c), "a1 EXAMINE \"INBOX\"\r\n");
+    }
+
+    #[test]
+    fn caps_announced_in_an_authenticate_ok_are_taken() {
+        // Dovecot and Cyrus: pre-login caps in the greeting, the post-login ones in the OK.
+        let mut c = client(
+            b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN ID] ready\r\n+ \r\n\
+              a1 OK [CAPABILITY IMAP4rev1 UIDPLUS MOVE NAMESPACE] Logged in\r\n",
+            64,
+        );
+        c.greeting().unwrap();
+        c.login("alice", &Secret::new("pä".as_bytes().to_vec()))
+            .unwrap();
+        let caps = c.capabilities().unwrap();
+        assert!(caps.iter().any(|x| x == "UIDPLUS"), "{caps:?}");
+    }
+
+    #[test]
+    fn searches_lists_and_identifiers_are_bounded() {
+        let line = format!("* SEARCH {}\r\n", "1 ".repeat(30_000).trim_end());
+        let mut script = line.repeat(20).into_bytes();
+        script.extend_from_slice(b"a1 OK\r\n");
+        assert_eq!(client(&script, 65536).uid_search("DELETED").unwrap(), None);
+        assert_eq!(
+            client(b"a1 OK\r\n", 64).uid_search("DELETED").unwrap(),
+            None
+        );
+        let id = "g".repeat(60_000);
+        let mut script = Vec::new();
+        for i in 1..=70u32 {
+            let r = format!("* {i} FETCH (UID {i} RFC822.SIZE 1 FLAGS () X-GUID \"{id}\")\r\n");
+            script.extend_from_slice(r.as_bytes());
+        }
+        script.extend_from_slice(b"a1 OK\r\n");
+        let l = client(&script, 65536)
+            .list(70, &[], Some("X-GUID"), 1000, &|_| true)
+            .unwrap();
+        assert!(
+            l.entries.is_empty() && l.left_out_count == 70,
+            "ids past 255 are garbage"
+        );
+        let name = "n".repeat(60_000);
+        let mut script = format!("* LIST () \"/\" \"{name}\"\r\n")
+            .repeat(50)
+            .into_bytes();
+        script.extend_from_slice(b"a1 OK\r\n");
+        assert!(client(&script, 65536)
+            .list_mailboxes("*", false)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::account::{Security, Server, Source};
 use crate::log;
 use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
 use crate::secret::Secret;
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// Body fetches sent ahead (see `Maildrop::prefetch`) expect at most this many octets in all
@@ -26,6 +27,10 @@ const PREFETCH_BUDGET: u64 = 512 << 10;
 const PREFETCH_MOST: usize = 64;
 
 type Conn = Client<Stream>;
+
+/// Messages one session lists when each needs an identifier (`%g`, `%m`): with its UIDL
+/// string, about 150 octets a message, this keeps a session within its memory bound.
+const MAX_LISTED_WITH_IDS: usize = 100_000;
 
 /// What was being done when IMAP failed, for [`to_error`].
 #[derive(Clone, Copy)]
@@ -52,6 +57,8 @@ fn to_error(step: Step<'_>, f: Failure) -> Error {
     match (code.as_ref().map(|c| c.name.as_str()), step) {
         (Some("UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "OVERQUOTA"), _) => Error::Temp(detail),
         (Some("INUSE"), _) => Error::InUse(detail),
+        // The server's policy (e.g. no login in clear), not the user's password.
+        (Some("PRIVACYREQUIRED" | "CONTACTADMIN"), Step::Login) => Error::Perm(detail),
         (_, Step::Login) => Error::Auth(detail),
         (_, Step::Select(_)) => Error::Perm(detail),
         (Some("EXPUNGEISSUED"), Step::Fetch(_)) => Error::Gone,
@@ -97,6 +104,13 @@ impl ImapBackend {
                 OnDele::Move(folder) => Some(resolve(&mut client, folder)?),
                 _ => None,
             };
+            if move_to.as_deref() == Some(mailbox.as_str()) {
+                // Each message would come back with a new UID and be served again, for ever.
+                return Err(Error::Perm(format!(
+                    "move:{} is the mailbox served ({mailbox}): choose another folder",
+                    move_to.as_deref().unwrap_or_default()
+                )));
+            }
             let mut snapshot = open(&mut client, &mailbox, &s.on_dele, s.max_messages, s.ids)?;
             if s.ids == super::Ids::HeaderDigest {
                 let dir = s.state_dir.as_deref().filter(|_| cache_key.is_some());
@@ -260,9 +274,9 @@ fn resolve(c: &mut Conn, name: &str) -> Result<String, Error> {
                 .map_err(|f| to_error(step, f))?,
         );
         // Some servers give the attributes only when asked (RFC 6154 with LIST-EXTENDED).
-        let extended = c
-            .capabilities()
-            .is_ok_and(|caps| caps.iter().any(|c| c == "LIST-EXTENDED"));
+        let extended = c.capabilities().is_ok_and(|caps| {
+            caps.iter().any(|c| c == "LIST-EXTENDED") && caps.iter().any(|c| c == "SPECIAL-USE")
+        });
         if found.is_none() && extended {
             let all = c.list_mailboxes("*", true).map_err(|f| to_error(step, f))?;
             found = marked(all);
@@ -277,6 +291,12 @@ fn resolve(c: &mut Conn, name: &str) -> Result<String, Error> {
         .namespace()
         .map_err(|f| to_error(step, f))?
         .unwrap_or_default();
+    // INBOX is case-insensitive, and its sub-folders are named after it as the server writes it.
+    let name = match name.get(..6) {
+        Some(first) if first.eq_ignore_ascii_case("INBOX/") => format!("INBOX/{}", &name[6..]),
+        _ => name.to_string(),
+    };
+    let name = name.as_str();
     let path = match delimiter.as_deref() {
         Some(d) if d != "/" => name.replace('/', d),
         _ => name.to_string(),
@@ -364,7 +384,9 @@ impl Backend for ImapBackend {
         };
         let server = server.clone();
         let mut conn = self.conn(&server)?;
-        let caps = conn.capabilities().map_err(|f| to_error(Step::Login, f))?;
+        let caps = conn
+            .capabilities()
+            .map_err(|f| to_error(Step::Other("CAPABILITY"), f))?;
         if !caps.iter().any(|c| c == &format!("AUTH={mechanism}")) {
             conn.logout();
             return Err(Error::Unsupported(format!(
@@ -451,7 +473,11 @@ fn open(
             sel.exists,
             &interest,
             id_item,
-            max.unwrap_or(usize::MAX),
+            match ids {
+                // An identifier and a UIDL string per message: fewer fit in the memory bound.
+                super::Ids::None => max.unwrap_or(usize::MAX),
+                _ => max.unwrap_or(usize::MAX).min(MAX_LISTED_WITH_IDS),
+            },
             &listed,
         )
         .map_err(|f| to_error(Step::Other("listing"), f))?;
@@ -464,7 +490,7 @@ fn open(
             listing.left_out_count - listing.left_out.len()
         ));
     }
-    if listing.cut && max.is_none() {
+    if listing.cut && (max.is_none() || ids != super::Ids::None) {
         log::warning(&format!(
             "{mailbox}: listing cut at {} messages (the most one session lists)",
             listing.entries.len()
@@ -571,6 +597,42 @@ pub struct ImapMaildrop {
     snapshot: Snapshot,
 }
 
+/// Two messages share a DELE'd message's identifier (a copy keeps its EMAILID or X-GUID, or two
+/// have the same header): after a UIDVALIDITY change nothing tells which was DELE'd, so nothing
+/// is applied (the next session, under the new UIDVALIDITY, can).
+fn ambiguous_after(mailbox: &str) -> Error {
+    Error::Temp(format!(
+        "UIDVALIDITY of {mailbox} changed during the session, and a DELE'd message shares its \
+         identifier with another: nothing applied"
+    ))
+}
+
+/// Without UIDPLUS only a plain EXPUNGE removes mail, and it removes every `\Deleted` message:
+/// exact only if, right after the DELE'd messages were marked, the marked mail is exactly
+/// those (one round trip before the EXPUNGE). An answer that isn't a clean `* SEARCH` means no.
+fn exact_without_uidplus(c: &mut Conn, deleted: &[u32], mailbox: &str) -> Result<bool, Error> {
+    let marked = c
+        .uid_search("DELETED")
+        .map_err(|f| to_error(Step::Other("UID SEARCH DELETED"), f))?;
+    let dele: std::collections::HashSet<u32> = deleted.iter().copied().collect();
+    let Some(marked) = marked else {
+        log::info(&format!(
+            "{mailbox}: no UIDPLUS, and no usable answer to UID SEARCH DELETED: the DELE'd \
+             messages are only marked \\Deleted (never listed again)"
+        ));
+        return Ok(false);
+    };
+    let others: Vec<u32> = marked.into_iter().filter(|u| !dele.contains(u)).collect();
+    if !others.is_empty() {
+        log::info(&format!(
+            "{mailbox}: no UIDPLUS, and UIDs {} are marked \\Deleted by another client: the \
+             DELE'd messages are only marked \\Deleted (never listed again)",
+            proto::uid_set(&others)
+        ));
+    }
+    Ok(others.is_empty())
+}
+
 impl ImapMaildrop {
     /// The mailbox got a new UIDVALIDITY since the listing (a rebuilt mailbox; GNU Mailutils
     /// imap4d gives a new one between EXAMINE and SELECT): the DELE'd messages found again by
@@ -586,14 +648,27 @@ impl ImapMaildrop {
         let Some(item) = self.snapshot.id_item else {
             return Err(changed());
         };
-        let wanted: std::collections::HashSet<&str> = self
+        // Only an identifier that names one message, in the listing and in the mailbox now,
+        // finds it: two copies of a message share one, and touching both would touch one the
+        // client never DELE'd.
+        let dele: std::collections::HashSet<u32> = deleted.iter().copied().collect();
+        let mut count: HashMap<&str, usize> = HashMap::new();
+        for id in &self.snapshot.ids {
+            *count.entry(id).or_default() += 1;
+        }
+        let dele_ids: Vec<&str> = self
             .snapshot
             .messages
             .iter()
             .zip(&self.snapshot.ids)
-            .filter(|(m, _)| deleted.contains(&m.uid))
+            .filter(|(m, _)| dele.contains(&m.uid))
             .map(|(_, id)| &**id)
             .collect();
+        let ambiguous = |n: usize| n != 1;
+        if dele_ids.iter().any(|id| ambiguous(count[id])) {
+            return Err(ambiguous_after(&self.mailbox));
+        }
+        let wanted: std::collections::HashSet<&str> = dele_ids.into_iter().collect();
         let fetch_item = Some(item).filter(|i| *i != DIGEST);
         let mut now = self
             .client
@@ -612,6 +687,16 @@ impl ImapMaildrop {
                 .filter_map(|(e, d)| Some((*e, d?.into_boxed_str())))
                 .unzip();
             (now.entries, now.ids) = (entries, ids);
+        }
+        let mut again: HashMap<&str, usize> = HashMap::new();
+        for id in &now.ids {
+            *again.entry(id).or_default() += 1;
+        }
+        if wanted
+            .iter()
+            .any(|id| again.get(id).is_some_and(|&n| ambiguous(n)))
+        {
+            return Err(ambiguous_after(&self.mailbox));
         }
         let found: Vec<u32> = now
             .entries
@@ -669,29 +754,6 @@ impl ImapMaildrop {
             }
             _ => (false, false),
         };
-        // Without UIDPLUS only a plain EXPUNGE removes mail, and it removes every \Deleted
-        // message: exact only if no other message carries \Deleted just before the update.
-        let exact_expunge = match &self.on_dele {
-            OnDele::Expunge | OnDele::Move(_) if !uidplus && !has_move => {
-                let marked = c
-                    .uid_search("DELETED")
-                    .map_err(|f| to_error(Step::Other("UID SEARCH DELETED"), f))?;
-                let others: Vec<u32> = marked
-                    .into_iter()
-                    .filter(|u| !deleted.contains(u))
-                    .collect();
-                if !others.is_empty() {
-                    log::info(&format!(
-                        "{}: no UIDPLUS, and UIDs {} are marked \\Deleted by another client: \
-                         the DELE'd messages are only marked \\Deleted (never listed again)",
-                        self.mailbox,
-                        proto::uid_set(&others)
-                    ));
-                }
-                others.is_empty()
-            }
-            _ => false,
-        };
         let mut step = |verb: &str, args: String| -> Result<(), Error> {
             let shown = format!("UID {verb} {set} {args}");
             c.uid_command(verb, set, &args)
@@ -713,7 +775,7 @@ impl ImapMaildrop {
                 step("STORE", "+FLAGS.SILENT (\\Deleted)".into())?;
                 if uidplus {
                     step("EXPUNGE", String::new())?;
-                } else if exact_expunge {
+                } else if exact_without_uidplus(c, deleted, &self.mailbox)? {
                     c.run(b"EXPUNGE", &mut drop)
                         .map_err(|f| to_error(Step::Other("EXPUNGE"), f))?;
                     applied.push("EXPUNGE".into());

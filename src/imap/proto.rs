@@ -17,6 +17,8 @@ pub const MAX_DEPTH: usize = 32;
 pub const MAX_LITERAL: u64 = 64 << 10;
 /// A SASL challenge, decoded. Never relayed to the POP3 client longer.
 pub const MAX_CHALLENGE: usize = 16 << 10;
+/// A message identifier (EMAILID, X-GM-MSGID, X-GUID): RFC 8474's objectid maximum.
+pub const MAX_ID: usize = 255;
 
 // ---------------------------------------------------------------------------------------------
 // Encoding
@@ -715,13 +717,18 @@ fn parse(text: &[u8], lits: Vec<(usize, Lit)>) -> Result<Response, Violation> {
             Ok(Response::Capability(caps))
         }
         b"SEARCH" => {
+            // All numbers, or it isn't an answer to trust (a deletion may depend on it).
             let mut uids = Vec::new();
-            while let Tok::Atom(a) = toks.next()? {
-                if let Some(n) = number(a).and_then(|n| u32::try_from(n).ok()) {
-                    uids.push(n);
+            loop {
+                match toks.next()? {
+                    Tok::End => return Ok(Response::Search(uids)),
+                    Tok::Atom(a) => match number(a).and_then(|n| u32::try_from(n).ok()) {
+                        Some(n) => uids.push(n),
+                        None => return Ok(Response::Other),
+                    },
+                    _ => return Ok(Response::Other),
                 }
             }
-            Ok(Response::Search(uids))
         }
         b"LIST" => list_data(&mut toks),
         b"NAMESPACE" => namespace_data(&mut toks),
@@ -855,20 +862,26 @@ fn fetch_items(toks: &mut Tokens<'_>) -> Result<Fetch, Violation> {
             },
             b"EMAILID" | b"X-GM-MSGID" | b"X-GUID" => {
                 let value = match toks.next()? {
-                    // EMAILID's value is a list of one objectid.
+                    // EMAILID's value is a list of one objectid; more than one is garbage.
                     Tok::Open => {
                         let v = string_value(toks.next()?)?;
-                        if !matches!(toks.next()?, Tok::Close) {
-                            return Err(Violation::Malformed(
-                                "EMAILID with more than one id".into(),
-                            ));
+                        match toks.next()? {
+                            Tok::Close => v,
+                            _ => {
+                                toks.skip_list(2)?;
+                                None
+                            }
                         }
-                        v
                     }
                     other => string_value(other)?,
                 };
                 match value {
-                    Some(v) if !v.is_empty() && v.iter().all(|b| (0x21..0x7f).contains(b)) => {
+                    // RFC 8474: at most 255 characters; nothing longer is kept per message.
+                    Some(v)
+                        if !v.is_empty()
+                            && v.len() <= MAX_ID
+                            && v.iter().all(|b| (0x21..0x7f).contains(b)) =>
+                    {
                         f.id = f.id.or(Some(word(&v)));
                     }
                     v => f.garbage.push(format!(
