@@ -940,11 +940,7 @@ impl Bench {
             stat_uidl(srv, &user, n)
         });
         let m = |name: &str| median(samples.get(name).map_or(&[][..], |v| &v[..]));
-        let (d, w, c) = (
-            m("%08Xu%08Xv"),
-            m("%m, warm cache"),
-            m("%m, cold cache"),
-        );
+        let (d, w, c) = (m("%08Xu%08Xv"), m("%m, warm cache"), m("%m, cold cache"));
         let line = format!(
             "{n} messages, login + STAT + UIDL + QUIT: default format {}, %m warm cache {} \
              ({}), %m cold cache {} ({}); target: warm ≤ 1.2×",
@@ -955,7 +951,9 @@ impl Bench {
             ratio(c, d)
         );
         println!("\n== 4b. --uidl-format %m\n  {line}");
-        format!("\n\n**4b. `--uidl-format %m`** (header digests, cached under --state-dir): {line}.")
+        format!(
+            "\n\n**4b. `--uidl-format %m`** (header digests, cached under --state-dir): {line}."
+        )
     }
 
     /// Workload 4.
