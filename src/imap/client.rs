@@ -451,12 +451,26 @@ impl<S: Transport> Client<S> {
         line.zeroize();
         sent?;
         let deadline = Instant::now() + self.timeout;
-        match self.tagged_reply(&tag, deadline, each) {
-            Err(Failure::Broken(t)) if bad_is_no && t.starts_with("BAD: ") => Err(Failure::No {
-                code: None,
-                text: t,
-            }),
-            r => r,
+        self.tagged_reply(&tag, deadline, each, bad_is_no)
+    }
+
+    /// A command's tagged reply: OK (its capabilities noted), a NO, or a BAD, which breaks the
+    /// connection unless the caller takes it as a refusal (`bad_is_no`: AUTHENTICATE, probes).
+    fn finished(
+        &mut self,
+        status: Status,
+        code: Option<Code>,
+        text: &str,
+        bad_is_no: bool,
+    ) -> Result<Option<Code>, Failure> {
+        match status {
+            Status::Ok => {
+                self.note_caps(&code);
+                Ok(code)
+            }
+            Status::No => Err(self.refused(code, text)),
+            _ if bad_is_no => Err(self.refused(code, &format!("BAD {text}"))),
+            _ => Err(self.broken("BAD", text)),
         }
     }
 
@@ -465,6 +479,7 @@ impl<S: Transport> Client<S> {
         tag: &str,
         deadline: Instant,
         each: &mut dyn FnMut(Response),
+        bad_is_no: bool,
     ) -> Result<Option<Code>, Failure> {
         loop {
             match self.response(deadline, Room::None)? {
@@ -474,16 +489,7 @@ impl<S: Transport> Client<S> {
                     status,
                     code,
                     text,
-                } if t == tag.as_bytes() => {
-                    return match status {
-                        Status::Ok => {
-                            self.note_caps(&code);
-                            Ok(code)
-                        }
-                        Status::No => Err(self.refused(code, &text)),
-                        _ => Err(self.broken("BAD", &text)),
-                    };
-                }
+                } if t == tag.as_bytes() => return self.finished(status, code, &text, bad_is_no),
                 Response::Tagged { text, .. } => {
                     return Err(self.broken("a reply with a tag never sent", &text))
                 }
@@ -698,15 +704,8 @@ impl<S: Transport> Client<S> {
                     code,
                     text,
                 } if t == tag.as_bytes() => {
-                    return match status {
-                        Status::Ok => {
-                            self.note_caps(&code);
-                            Ok(code)
-                        }
-                        Status::No => Err(self.refused(code, &text)),
-                        // A BAD to AUTHENTICATE is a refusal too (Dovecot: a cancelled exchange).
-                        _ => Err(self.refused(code, &format!("BAD {text}"))),
-                    };
+                    // A BAD to AUTHENTICATE is a refusal too (Dovecot: a cancelled exchange).
+                    return self.finished(status, code, &text, true);
                 }
                 Response::Tagged { text, .. } => {
                     return Err(self.broken("a reply with a tag never sent", &text))
