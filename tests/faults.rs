@@ -194,7 +194,12 @@ fn imap_failing_during_update_is_an_err_and_the_log_says_what_was_applied() {
     thread::scope(|s| {
         for c in &cases {
             s.spawn(move || {
-                let fake = three().folder("Archive").on(c.verb, c.act.clone()).start();
+                // The first SELECT is the listing's; the update's is the second.
+                let nth = if c.verb == "SELECT" { 2 } else { 1 };
+                let fake = three()
+                    .folder("Archive")
+                    .on_nth(c.verb, nth, c.act.clone())
+                    .start();
                 let r = run(
                     &fake,
                     &["--on-dele", c.on_dele, "--imap-timeout", "1"],
@@ -326,12 +331,12 @@ fn imap_stalls_end_with_sys_temp_and_no_hang() {
     let cases: [(&str, usize, &str, &str); 8] = [
         (GREETING, 1, "QUIT\r\n", "-ERR [SYS/TEMP]"),
         ("LOGIN", 1, "QUIT\r\n", "-ERR [SYS/TEMP]"),
-        ("EXAMINE", 1, "QUIT\r\n", "-ERR [SYS/TEMP]"),
+        ("SELECT", 1, "QUIT\r\n", "-ERR [SYS/TEMP]"),
         ("FETCH", 1, "QUIT\r\n", "-ERR [SYS/TEMP]"),
         ("UID FETCH", 1, "RETR 1\r\nQUIT\r\n", "-ERR [SYS/TEMP]"),
         // The second chunk of the big message: the reply has begun; no terminator follows.
         ("UID FETCH", 2, "RETR 4\r\nQUIT\r\n", "+OK"),
-        ("SELECT", 1, "DELE 1\r\nQUIT\r\n", "-ERR [SYS/TEMP]"),
+        ("SELECT", 2, "DELE 1\r\nQUIT\r\n", "-ERR [SYS/TEMP]"),
         ("UID STORE", 1, "DELE 1\r\nQUIT\r\n", "-ERR [SYS/TEMP]"),
     ];
     thread::scope(|s| {
@@ -347,7 +352,10 @@ fn imap_stalls_end_with_sys_temp_and_no_hang() {
                 let elapsed = started.elapsed();
                 let rep = replies(&r);
                 let what = format!("stall at {verb} #{nth}: {rep:?}\n{}", r.stderr);
-                if matches!(verb, GREETING | "LOGIN" | "EXAMINE" | "FETCH") {
+                if matches!(
+                    (verb, nth),
+                    (GREETING | "LOGIN" | "FETCH", _) | ("SELECT", 1)
+                ) {
                     // A failed login leaves the session in AUTHORIZATION: QUIT still works.
                     assert_eq!(rep.len(), 3, "{what}");
                     assert!(rep[1].starts_with(expect), "{what}");
@@ -524,18 +532,18 @@ fn imap_no_bad_bye_at_each_step() {
         ),
         ("LOGIN", bye(), "QUIT", vec!["-ERR [SYS/TEMP]", "+OK"]),
         (
-            "EXAMINE",
+            "SELECT",
             no("[NONEXISTENT] Mailbox doesn't exist"),
             "QUIT",
             vec!["-ERR [SYS/PERM]", "+OK"],
         ),
         (
-            "EXAMINE",
+            "SELECT",
             Act::Bad("what?".into()),
             "QUIT",
             vec!["-ERR [SYS/", "+OK"],
         ),
-        ("EXAMINE", bye(), "QUIT", vec!["-ERR [SYS/TEMP]", "+OK"]),
+        ("SELECT", bye(), "QUIT", vec!["-ERR [SYS/TEMP]", "+OK"]),
         (
             "FETCH",
             no("Server error"),
@@ -617,13 +625,16 @@ fn imap_no_bad_bye_at_each_step() {
 }
 
 /// RFC 3501 7.1.2: an untagged NO is a warning (e.g. a quota alert) and the command still
-/// completes. The imap crate panics on one inside SELECT/EXAMINE (rust-imap #282).
+/// completes. The imap crate panics on one inside SELECT/EXAMINE (rust-imap #282). Here in
+/// the listing's SELECT and in the update's.
 #[test]
-fn untagged_no_quota_warning_during_examine_and_select_is_harmless() {
-    for verb in ["EXAMINE", "SELECT"] {
+fn untagged_no_quota_warning_during_select_is_harmless() {
+    for nth in [1, 2] {
+        let verb = format!("SELECT #{nth}");
         let fake = three()
-            .on(
-                verb,
+            .on_nth(
+                "SELECT",
+                nth,
                 Act::Untagged("NO [ALERT] Quota exceeded (mailbox 99% full)".into()),
             )
             .start();
@@ -744,7 +755,9 @@ fn without_uidplus_expunge_is_exact_or_not_done() {
 #[test]
 fn uidvalidity_changing_before_quit_applies_nothing() {
     for on_dele in ["seen", "expunge"] {
-        let fake = three().on("SELECT", Act::SetUidvalidity(98765)).start();
+        let fake = three()
+            .on_nth("SELECT", 2, Act::SetUidvalidity(98765))
+            .start();
         let r = run(
             &fake,
             &["--on-dele", on_dele],
@@ -1178,7 +1191,7 @@ fn server_ids_asked_of_a_server_without_them_is_a_configuration_error() {
 }
 
 /// A UIDVALIDITY that moves between the listing and the update (GNU Mailutils imap4d gives a
-/// new one between EXAMINE and SELECT; here Dovecot is told to mid-session): with `%g` the
+/// new one between two SELECTs; here Dovecot is told to mid-session): with `%g` the
 /// DELE'd message is found again by its identifier (or header digest, `%m`) and gets its
 /// `\Seen`; with the default
 /// format nothing is applied and the client is told.
@@ -1272,7 +1285,7 @@ fn after_a_uidvalidity_change_a_shared_identifier_applies_nothing() {
             r.write_all(s.as_bytes())?;
             r.flush()
         }))
-        .on("SELECT", Act::SetUidvalidity(98765))
+        .on_nth("SELECT", 2, Act::SetUidvalidity(98765))
         .start();
     let r = run(
         &fake,

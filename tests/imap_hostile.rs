@@ -263,7 +263,7 @@ fn endless() -> Act {
     })
 }
 
-/// EXAMINE's answer with this many messages.
+/// SELECT's answer (the listing's) with this many messages.
 fn examine(exists: u64) -> Act {
     Act::raw(move |r: &mut Raw<'_>| {
         let tag = r.tag.to_string();
@@ -392,12 +392,12 @@ fn unstuff(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// 5,000 nested parentheses in a response to LOGIN or EXAMINE: a bounded parser refuses them
+/// 5,000 nested parentheses in a response to LOGIN or SELECT: a bounded parser refuses them
 /// (`-ERR [SYS/TEMP]`) and the session goes on; a recursive one overflows its stack (SIGABRT).
 #[test]
 fn deeply_nested_parentheses_are_an_error_not_a_stack_overflow() {
     let mut problems = Vec::new();
-    for verb in ["LOGIN", "EXAMINE"] {
+    for verb in ["LOGIN", "SELECT"] {
         let fake = mailbox(1).on(verb, untagged_then_ok(deep())).start();
         let a = spawn(&fake, &[]);
         a.send(format!("{LOGIN}QUIT\r\n").as_bytes());
@@ -416,12 +416,12 @@ fn deeply_nested_parentheses_are_an_error_not_a_stack_overflow() {
     check(problems);
 }
 
-/// A line without end (100 MB here) in the greeting, or the answer to LOGIN, EXAMINE, or the
+/// A line without end (100 MB here) in the greeting, or the answer to LOGIN, SELECT, or the
 /// UID STORE at QUIT: memory stays bounded, and the client gets the right `-ERR`.
 #[test]
 fn an_endless_response_line_keeps_memory_bounded() {
     let mut problems = Vec::new();
-    for verb in [GREETING, "LOGIN", "EXAMINE"] {
+    for verb in [GREETING, "LOGIN", "SELECT"] {
         let fake = mailbox(1).on(verb, endless()).start();
         let mut a = spawn(&fake, &[]);
         let started = Instant::now();
@@ -524,7 +524,7 @@ fn a_huge_exists_and_a_listing_never_completed_keep_memory_bounded() {
         ),
     ] {
         let fake = mailbox(1)
-            .on("EXAMINE", examine(4_000_000_000))
+            .on("SELECT", examine(4_000_000_000))
             .on_listing(Act::raw(move |r: &mut Raw<'_>| {
                 many_lines(r, 150_000, |n| format!("* {n} FETCH (UID {n}{items})\r\n"))
             }))
@@ -578,7 +578,7 @@ fn a_listing_response_continued_by_empty_literals_keeps_memory_bounded() {
 fn max_messages_bounds_the_listing_in_memory() {
     const N: u64 = 3_000_000;
     let fake = mailbox(1)
-        .on("EXAMINE", examine(N))
+        .on("SELECT", examine(N))
         .on_listing(Act::raw(|r: &mut Raw<'_>| {
             many_lines(r, N, |n| {
                 format!("* {n} FETCH (UID {n} RFC822.SIZE 100 FLAGS ())\r\n")

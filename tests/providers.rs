@@ -331,10 +331,10 @@ fn exchange_one_chunk_message_listed_larger_arrives_whole() {
 }
 
 /// 163.com/126.com: SELECT and EXAMINE are refused (`Unsafe Login`) until the client has sent
-/// ID on that connection. aiopopd sends ID after the login, ahead of EXAMINE, on every
+/// ID on that connection. aiopopd sends ID after the login, ahead of SELECT, on every
 /// connection; the session works, and the DELE'd message is marked `\Seen` at QUIT.
 #[test]
-fn netease_gets_id_before_examine_and_the_session_works() {
+fn netease_gets_id_before_select_and_the_session_works() {
     let fake = FakeImap::builder()
         .profile(Profile::NetEase)
         .message(&msg(1))
@@ -367,7 +367,7 @@ fn netease_gets_id_before_examine_and_the_session_works() {
             .unwrap_or_else(|| panic!("no {verb}: {:?}", fake.commands()))
     };
     assert!(
-        first("LOGIN") < first("ID") && first("ID") < first("EXAMINE"),
+        first("LOGIN") < first("ID") && first("ID") < first("SELECT"),
         "{:?}",
         fake.commands()
     );
@@ -403,7 +403,7 @@ fn netease_move_to_trash_copies_and_expunges_exactly() {
 }
 
 /// The fake's NetEase rule bites: where ID isn't advertised, aiopopd doesn't send it, and
-/// EXAMINE is refused: `[SYS/PERM]`, never `[AUTH]` (the password was right). So the test above
+/// SELECT is refused: `[SYS/PERM]`, never `[AUTH]` (the password was right). So the test above
 /// passes because aiopopd sends ID, not because the fake lets anything through.
 #[test]
 fn netease_without_id_the_mailbox_cannot_be_opened() {

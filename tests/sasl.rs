@@ -349,8 +349,8 @@ impl OAuthServer {
                                 let _ = line();
                                 format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")
                             }
-                        } else if cmd.starts_with("EXAMINE ") {
-                            format!("* 0 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n{tag} OK [READ-ONLY] done\r\n")
+                        } else if cmd.starts_with("SELECT ") {
+                            format!("* 0 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n{tag} OK [READ-WRITE] done\r\n")
                         } else if cmd == "LOGOUT" {
                             format!("* BYE bye\r\n{tag} OK done\r\n")
                         } else {

@@ -734,46 +734,12 @@ fn run_paced(s: &dyn Server, first: &str, pause: Duration, second: &str) -> (Vec
     )
 }
 
-/// A Courier Maildir no IMAP client has SELECTed yet (a POP3-only user's new account): aiopopd
-/// lists with EXAMINE, which there gives a UIDVALIDITY from the clock, and SELECTs at QUIT,
-/// which records a new one. What holds today: a DELE across a second's pause is either applied
-/// exactly or refused with nothing changed. (That it's refused is a failure: see the ignored
-/// tests below.)
+/// A Courier Maildir no IMAP client has SELECTed yet (a POP3-only user's new account): there
+/// each EXAMINE gives a new UIDVALIDITY (taken from the clock, recorded nowhere), so when
+/// aiopopd listed under EXAMINE the UIDLs changed from one session to the next and a client
+/// that leaves mail on the server downloaded everything again each time. It lists under
+/// SELECT, which records one.
 #[test]
-fn courier_unrecorded_maildir_dele_is_exact_or_nothing() {
-    let Some(s) = Courier::start() else {
-        return;
-    };
-    s.deliver_unrecorded("INBOX", &small(3));
-    let (r, log) = run_paced(
-        &s,
-        &format!("{LOGIN}STAT\r\nDELE 1\r\n"),
-        Duration::from_millis(1100),
-        "QUIT\r\n",
-    );
-    assert_eq!(r.len(), 6, "{r:?}\n{log}");
-    let flags = flag_strings(&s.flags("INBOX"));
-    if r[5].ok() {
-        assert_eq!(flags, ["\\Seen", "", ""], "{log}");
-    } else {
-        assert_eq!(
-            r[5].status, "-ERR [SYS/TEMP] Some deleted messages were not removed.",
-            "{log}"
-        );
-        assert!(
-            log.contains("UIDVALIDITY of INBOX changed during the session"),
-            "{log}"
-        );
-        assert_eq!(flags, ["", "", ""], "{log}");
-    }
-}
-
-/// FAILS with the current code (kept for the engineer): in a Courier Maildir never SELECTed,
-/// each session's EXAMINE gives a new UIDVALIDITY (Courier takes it from the clock and records
-/// nothing), so the UIDLs change from one session to the next and a client that leaves mail
-/// on the server (no DELE, so aiopopd never SELECTs) downloads everything again each time.
-#[test]
-#[ignore = "aiopopd lists with EXAMINE: Courier's UIDLs change every session until a SELECT"]
 fn courier_unrecorded_maildir_uidls_are_stable() {
     let Some(s) = Courier::start() else {
         return;
@@ -786,12 +752,10 @@ fn courier_unrecorded_maildir_uidls_are_stable() {
     assert_eq!(first[3].body_str(), second[3].body_str(), "{log}");
 }
 
-/// FAILS with the current code (kept for the engineer): a DELE in a Courier Maildir never
-/// SELECTed, with a second between aiopopd's EXAMINE and its SELECT at QUIT, answers
-/// `-ERR [SYS/TEMP] Some deleted messages were not removed.` ("UIDVALIDITY of INBOX changed
-/// during the session") and deletes nothing.
+/// The same Maildir, a DELE, and a second between the listing and QUIT: when the listing was
+/// under EXAMINE, the SELECT at QUIT recorded a new UIDVALIDITY and QUIT answered `-ERR
+/// [SYS/TEMP] Some deleted messages were not removed.`, deleting nothing.
 #[test]
-#[ignore = "aiopopd lists with EXAMINE: Courier's UIDVALIDITY changes at the SELECT"]
 fn courier_unrecorded_maildir_dele_is_applied() {
     let Some(s) = Courier::start() else {
         return;

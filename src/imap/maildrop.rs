@@ -1,6 +1,6 @@
-//! The maildrop over one IMAP session: connect (TLS or STARTTLS), log in, open the mailbox
-//! read-only (EXAMINE) and take one snapshot; RETR/TOP read with `BODY.PEEK[]<offset.length>`
-//! so nothing changes; only `commit` (POP3's UPDATE state) selects the mailbox read-write and
+//! The maildrop over one IMAP session: connect (TLS or STARTTLS), log in, SELECT the mailbox
+//! and take one snapshot; RETR/TOP read with `BODY.PEEK[]<offset.length>` so nothing changes;
+//! only `commit` (POP3's UPDATE state) selects the mailbox again, checks its UIDVALIDITY and
 //! touches exactly the DELE'd UIDs. IMAP text never reaches the POP3 client: [`to_error`], the
 //! one place IMAP failures become maildrop errors, carries it to the log only.
 
@@ -424,12 +424,16 @@ fn open(
     ids: super::Ids,
 ) -> Result<Snapshot, Error> {
     let step = Step::Select(mailbox);
+    // SELECT, not EXAMINE: Courier gives a Maildir no client has SELECTed a UIDVALIDITY from
+    // the clock at each EXAMINE and records one only at a SELECT, so listing under EXAMINE
+    // changed every UIDL in every session there. SELECT changes nothing but `\Recent` (gone
+    // in IMAP4rev2); RETR and TOP still FETCH with BODY.PEEK, and nothing is stored before
+    // QUIT. It also answers PERMANENTFLAGS, which keyword mode checks here.
+    let sel = client
+        .select(false, mailbox)
+        .map_err(|f| to_error(step, f))?;
     if let OnDele::Keyword(k) = on_dele {
-        // EXAMINE reports no permanent flags, so ask SELECT whether keywords can be stored.
-        let sel = client
-            .select(false, mailbox)
-            .map_err(|f| to_error(step, f))?;
-        let flags = sel.permanent_flags.unwrap_or_default();
+        let flags = sel.permanent_flags.clone().unwrap_or_default();
         if !flags
             .iter()
             .any(|f| f == "\\*" || f.eq_ignore_ascii_case(k))
@@ -440,9 +444,6 @@ fn open(
             )));
         }
     }
-    let sel = client
-        .select(true, mailbox)
-        .map_err(|f| to_error(step, f))?;
     let uidvalidity = sel
         .uidvalidity
         .ok_or_else(|| Error::Temp(format!("no UIDVALIDITY for {mailbox}")))?;
@@ -635,7 +636,7 @@ fn exact_without_uidplus(c: &mut Conn, deleted: &[u32], mailbox: &str) -> Result
 
 impl ImapMaildrop {
     /// The mailbox got a new UIDVALIDITY since the listing (a rebuilt mailbox; GNU Mailutils
-    /// imap4d gives a new one between EXAMINE and SELECT): the DELE'd messages found again by
+    /// imap4d gives a new one at each SELECT): the DELE'd messages found again by
     /// the server's identifiers, where the session has them (`%g`); else nothing is applied.
     fn reidentify(&mut self, deleted: &[u32], exists: u32) -> Result<Vec<u32>, Error> {
         let changed = || {
