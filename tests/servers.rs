@@ -645,6 +645,40 @@ fn courier_maxperip_is_a_temporary_failure() {
     }
 }
 
+/// `--uidl-format %g` on Cyrus is RFC 8474's EMAILID: the UIDLs are the ids Cyrus reports,
+/// and the same messages in another folder under other UIDs (a rebuilt or moved mailbox) get
+/// the same UIDLs. Cyrus derives EMAILID from the content, so a second copy of a message
+/// shares its id: it still gets a UIDL of its own (`.2`).
+#[test]
+fn cyrus_uidl_g_is_emailid_and_survives_new_uids() {
+    let Some(s) = Cyrus::start() else {
+        return;
+    };
+    let mut messages = small(3);
+    messages.push(messages[0].clone());
+    s.deliver("INBOX", &messages);
+    // The copy's UIDs are one higher: a message no one else has comes first.
+    let copy = s.folder("Copy");
+    let filler = b"Subject: filler\r\n\r\nonly here\r\n".to_vec();
+    s.deliver(&copy, &[&[filler][..], &messages].concat());
+    let ids = s.account().emailids("INBOX");
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids[0].1, ids[3].1, "one content, one EMAILID: {ids:?}");
+    let mut want: Vec<String> = ids.iter().map(|(_, id)| id.clone()).collect();
+    want[3].push_str(".2");
+    let uidls = |mailbox: &str| -> Vec<String> {
+        let script = format!("{LOGIN}UIDL\r\nQUIT\r\n");
+        let (r, log) = run(&s, &["--uidl-format", "%g", "--mailbox", mailbox], &script);
+        assert!(r.iter().all(Reply::ok), "{mailbox}: {r:?}\n{log}");
+        r[3].body_str()
+            .lines()
+            .map(|l| l.split_once(' ').expect("n uidl").1.to_string())
+            .collect()
+    };
+    assert_eq!(uidls("INBOX"), want);
+    assert_eq!(uidls(&copy)[1..], want[..]);
+}
+
 /// Challenge-response mechanisms relayed to Cyrus (whose sasldb keeps what CRAM-MD5 and SCRAM
 /// need): curl's CRAM-MD5 through systemd-socket-activate.
 #[test]

@@ -223,6 +223,51 @@ impl Account {
         let _ = session.logout();
     }
 
+    /// Each message's RFC 8474 EMAILID (OBJECTID), sorted by UID. Over a bare connection:
+    /// the crate fails on a FETCH item it doesn't know.
+    #[allow(dead_code)] // Used by some test binaries only.
+    pub fn emailids(&self, mailbox: &str) -> Vec<(u32, String)> {
+        use std::io::{BufRead, BufReader, Write};
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to IMAP");
+        tcp.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let mut w = tcp.try_clone().expect("clone");
+        let mut r = BufReader::new(tcp);
+        let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+        let mut ids = Vec::new();
+        let mut line = String::new();
+        r.read_line(&mut line).expect("greeting");
+        for (tag, cmd) in [
+            (
+                "a",
+                format!("LOGIN {} {}", quote(&self.user), quote(&self.password)),
+            ),
+            ("b", format!("EXAMINE {}", quote(&mutf7(mailbox)))),
+            ("c", "UID FETCH 1:* (UID EMAILID)".to_string()),
+            ("d", "LOGOUT".to_string()),
+        ] {
+            write!(w, "{tag} {cmd}\r\n").expect("write");
+            loop {
+                line.clear();
+                assert!(r.read_line(&mut line).expect("read") > 0, "closed at {cmd}");
+                if let Some(rest) = line.strip_prefix(&format!("{tag} ")) {
+                    assert!(rest.starts_with("OK"), "{cmd}: {line}");
+                    break;
+                }
+                let field = |name: &str| {
+                    let at = line.find(name)? + name.len();
+                    let rest = line[at..].trim_start_matches([' ', '(']);
+                    let end = rest.find([' ', ')'])?;
+                    Some(rest[..end].to_string())
+                };
+                if let (Some(uid), Some(id)) = (field("UID "), field("EMAILID ")) {
+                    ids.push((uid.parse().expect("UID"), id));
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids
+    }
+
     /// The mailbox's UIDVALIDITY.
     pub fn uidvalidity(&self, mailbox: &str) -> u32 {
         let mut session = self.login();
