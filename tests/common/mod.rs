@@ -6,3 +6,4 @@ pub mod dovecot;
 pub mod fakeimap;
 pub mod imapref;
 pub mod pop3;
+pub mod realsystemd;
