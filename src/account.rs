@@ -72,8 +72,12 @@ fn yes() -> bool {
 }
 
 impl Accounts {
-    /// The account for this POP3 user name. An unknown user is `Error::Auth`, the same as a
-    /// wrong password; a file that can't be used is `Error::Perm`, naming the file.
+    /// The account for this POP3 user name. An unknown user (no file of that name in a
+    /// directory that can be read) is `Error::Auth`, the same as a wrong password. Anything
+    /// that is the server's fault rather than the client's is `Error::Perm`, naming the path
+    /// and the problem: a `--user-dir` that is missing or can't be searched (which would make
+    /// every user look unknown, and fail2ban ban them for it), and a user file that can't be
+    /// read or used.
     pub fn lookup(&self, user: &str) -> Result<Account, Error> {
         match &self.source {
             Source::Fixed(server) => Ok(Account {
@@ -90,20 +94,45 @@ impl Accounts {
             return Err(Error::Auth("user name not allowed in --user-dir".into()));
         }
         let path = dir.join(user);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::Auth("unknown user".into()))
-            }
-            Err(e) => return Err(Error::Perm(format!("{}: {e}", path.display()))),
+        let bad = |what: &str| Error::Perm(format!("user file {}: {what}", path.display()));
+        // Metadata first: a FIFO or a directory must not be opened and read.
+        let problem = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => None,
+            Ok(_) => Some("not a regular file".to_string()),
+            Err(e) => Some(match dir_problem(dir) {
+                Some(p) => return Err(Error::Perm(format!("--user-dir {}: {p}", dir.display()))),
+                None if e.kind() != io::ErrorKind::NotFound => e.to_string(),
+                None if std::fs::symlink_metadata(&path).is_ok() => {
+                    "a symbolic link to a file that doesn't exist".to_string()
+                }
+                None => return Err(Error::Auth("unknown user".into())),
+            }),
         };
-        let bad = |what: &str| Error::Perm(format!("{}: {what}", path.display()));
+        if let Some(p) = problem {
+            return Err(bad(&p));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(&e.to_string()))?;
         let file: UserFile = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
         let security = match (file.ssl, file.starttls) {
             (true, _) => Security::Tls,
             (false, true) => Security::StartTls,
             (false, false) => Security::Plain,
         };
+        if file.hostname.is_empty() || file.hostname.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(bad("\"hostname\" must be a host name or address"));
+        }
+        if file.port == 0 {
+            return Err(bad("\"port\" must be 1 to 65535"));
+        }
+        // An IMAP login the server can only refuse would be logged as a failed login, and
+        // fail2ban would count the administrator's mistake against the user.
+        if let Some(name) = &file.username {
+            if name.is_empty() || name.chars().any(char::is_control) {
+                return Err(bad(
+                    "\"username\" must be a non-empty name without control characters",
+                ));
+            }
+        }
         let mailbox = file.mailbox.unwrap_or_else(|| self.mailbox.clone());
         check_mailbox_name(&mailbox, "\"mailbox\"").map_err(|e| bad(&e))?;
         let server = Server {
@@ -117,6 +146,16 @@ impl Accounts {
             username: file.username.unwrap_or_else(|| user.to_string()),
             mailbox,
         })
+    }
+}
+
+/// Why `dir` can't be used to look users up, if it can't: it must be a directory this process
+/// may search (`dir/.` resolves only then). Without this check every user would look unknown.
+fn dir_problem(dir: &Path) -> Option<String> {
+    match std::fs::metadata(dir.join(".")) {
+        Ok(m) if m.is_dir() => None,
+        Ok(_) => Some("not a directory".into()),
+        Err(e) => Some(e.to_string()),
     }
 }
 
@@ -205,5 +244,52 @@ mod tests {
             accounts(dir.path()).lookup("c"),
             Err(Error::Perm(d)) if d.contains("--imap-plaintext")
         ));
+    }
+
+    #[test]
+    fn server_faults_are_perm_never_an_unknown_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let perm = |a: &Accounts, user: &str, what: &str| match a.lookup(user) {
+            Err(Error::Perm(d)) => assert!(d.contains(what), "{user}: {d}"),
+            other => panic!("{user}: {other:?}"),
+        };
+        // The directory missing, or not a directory: every user, known or not.
+        let gone = accounts(&dir.path().join("missing"));
+        perm(&gone, "alice", "--user-dir ");
+        perm(&gone, "alice", "No such file or directory");
+        std::fs::write(dir.path().join("plain"), "").unwrap();
+        perm(
+            &accounts(&dir.path().join("plain")),
+            "alice",
+            "Not a directory",
+        );
+        // The directory fine: no file is an unknown user; a broken file is the server's fault.
+        let a = accounts(dir.path());
+        assert!(matches!(a.lookup("nobody"), Err(Error::Auth(_))));
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        perm(&a, "sub", "not a regular file");
+        std::os::unix::fs::symlink("nowhere", dir.path().join("link")).unwrap();
+        perm(&a, "link", "symbolic link");
+        for (name, text, what) in [
+            ("json", "{\"hostname\": ", "EOF"),
+            ("array", "[]", "expected struct UserFile"),
+            ("port", r#"{"hostname": "h", "port": 0}"#, "\"port\""),
+            ("host", r#"{"hostname": "", "port": 993}"#, "\"hostname\""),
+            (
+                "user",
+                r#"{"hostname": "h", "port": 993, "username": ""}"#,
+                "\"username\"",
+            ),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+            perm(
+                &a,
+                name,
+                &format!("user file {}", dir.path().join(name).display()),
+            );
+            perm(&a, name, what);
+        }
+        std::fs::write(dir.path().join("bytes"), b"\xff\xfe").unwrap();
+        perm(&a, "bytes", "UTF-8");
     }
 }

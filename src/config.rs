@@ -45,6 +45,15 @@ POP3 side:
       --max-messages N       list at most N messages (oldest first)
       --timeout SECS         idle timeout towards the client (default 600)
       --auth-failure-delay SECS  wait before answering a refused login (default 2; 0: none)
+      --proxy-protocol-from CIDR,...  connections from these networks (a load balancer)
+                             must start with a PROXY header (v1 or v2); its source is
+                             then the client's address (log, rip=)
+Checking the set-up (a report on stdout; exit status 0 only if everything is fine):
+      --check                with the service's options (paste them from ExecStart=):
+                             connect to the IMAP server (TLS, greeting, capabilities),
+                             load --ssl-cert/--ssl-key, read every --user-dir file
+  -u, --user USER            with --check: also log in as USER (the password from the
+                             terminal, else the first line of stdin) and open the mailbox
 Logging:
   -l, --systemd-logging      log to stderr with <N> prefixes (when stderr isn't the client)
   -v, --verbose              debug logs (never passwords)
@@ -71,6 +80,8 @@ pub struct Config {
     pub uidl_format: UidlFormat,
     pub timeout: Duration,
     pub auth_failure_delay: Duration,
+    /// `--proxy-protocol-from`: peers that must send a PROXY header first (empty: none).
+    pub proxy_protocol_from: Vec<crate::proxy::Cidr>,
     pub log_target: log::Target,
     pub verbose: bool,
 }
@@ -79,11 +90,17 @@ pub struct Config {
 #[derive(Debug)]
 pub enum Action {
     Serve(Box<Config>),
+    /// `--check`: test the set-up and report (src/check.rs); with `-u`, a login as this user.
+    Check {
+        config: Box<Config>,
+        user: Option<String>,
+    },
     Help,
     Version,
 }
 
 pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
+    let typed = args.clone();
     let mut a = pico_args::Arguments::from_vec(args);
     if a.contains(["-h", "--help"]) {
         return Ok(Action::Help);
@@ -91,23 +108,36 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
     if a.contains(["-V", "--version"]) {
         return Ok(Action::Version);
     }
-    for (short, long) in [
-        ("-P", "--listen-port"),
-        ("-r", "--listen-all"),
-        ("-n", "--no-setuid"),
-    ] {
-        if a.contains([short, long]) {
-            return Err(format!(
-                "{short}/{long} is gone: aiopopd no longer listens itself. Run it from \
-                 systemd (aiopopd.socket with Accept=yes), xinetd, or \
-                 `systemd-socket-activate --accept --inetd -l PORT aiopopd ...`"
-            ));
-        }
+    if let Some(msg) = listener_options(&typed) {
+        return Err(msg);
+    }
+    let check = a.contains("--check");
+    let check_user: Option<String> = a.opt_value_from_str(["-u", "--user"]).map_err(arg)?;
+    if check_user.is_some() && !check {
+        return Err("-u/--user USER goes with --check (a test login as USER)".into());
     }
     let host: Option<String> = a
         .opt_value_from_str(["-H", "--imap-hostname"])
         .map_err(arg)?;
-    let port: Option<u16> = a.opt_value_from_str(["-p", "--imap-port"]).map_err(arg)?;
+    let port: Option<u16> = match a
+        .opt_value_from_str::<_, String>(["-p", "--imap-port"])
+        .map_err(arg)?
+    {
+        None => None,
+        Some(p) => Some(p.parse().map_err(|_| {
+            let mut msg = format!("-p/--imap-port {p:?}: not a port number (1 to 65535)");
+            if p.contains('/') {
+                msg.push_str(
+                    ".\n-p is the IMAP port here. The Python aiopopd's -p/--path (the \
+                     directory of per-user files) is --user-dir DIR (alias --path DIR).",
+                );
+            }
+            msg
+        })?),
+    };
+    if port == Some(0) {
+        return Err("-p/--imap-port 0: not a port number (1 to 65535)".into());
+    }
     let imap_tls = a.contains(["-s", "--imap-ssl"]);
     let imap_starttls = a.contains("--imap-starttls");
     let imap_ca: Option<PathBuf> = a.opt_value_from_os_str("--imap-ca", path).map_err(arg)?;
@@ -184,6 +214,15 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
             .map_err(arg)?
             .unwrap_or(2),
     );
+    let mut proxy_protocol_from = Vec::new();
+    for list in a
+        .values_from_str::<_, String>("--proxy-protocol-from")
+        .map_err(arg)?
+    {
+        proxy_protocol_from.extend(
+            crate::proxy::parse_list(&list).map_err(|e| format!("--proxy-protocol-from {e}"))?,
+        );
+    }
     let imap_timeout = seconds(
         a.opt_value_from_str("--imap-timeout").map_err(arg)?,
         60,
@@ -197,8 +236,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
     let verbose = a.contains(["-v", "--verbose"]);
     let rest = a.finish();
     if !rest.is_empty() {
-        let rest: Vec<_> = rest.iter().map(|s| s.to_string_lossy()).collect();
-        return Err(format!("unexpected arguments: {}", rest.join(" ")));
+        return Err(leftovers(&rest));
     }
     check_mailbox_name(&mailbox, "--mailbox")?;
     let security = match (imap_tls, imap_starttls) {
@@ -237,7 +275,15 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         }
         (None, Some(dir)) => Source::UserDir(dir),
         (Some(_), Some(_)) => return Err("give either -H or --user-dir, not both".into()),
-        (None, None) => return Err("-H/--imap-hostname is required (or --user-dir)".into()),
+        (None, None) => {
+            return Err(
+                "-H/--imap-hostname HOST is required (or --user-dir DIR): the IMAP \
+                        server to serve mail from, e.g. -H imap.example.com -s for IMAPS on \
+                        port 993.\n\
+                        Try the options first with: aiopopd --check -H imap.example.com -s"
+                    .into(),
+            )
+        }
     };
     if let Some(ca) = &imap_ca {
         if !ca.is_file() {
@@ -259,7 +305,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         (None, None) => None,
         _ => return Err("give both --ssl-cert and --ssl-key".into()),
     };
-    Ok(Action::Serve(Box::new(Config {
+    let config = Box::new(Config {
         imap: imap::Settings {
             accounts: Accounts {
                 source,
@@ -286,9 +332,231 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         uidl_format,
         timeout,
         auth_failure_delay,
+        proxy_protocol_from,
         log_target,
         verbose,
-    })))
+    });
+    Ok(match check {
+        true => Action::Check {
+            config,
+            user: check_user,
+        },
+        false => Action::Serve(config),
+    })
+}
+
+/// The Python aiopopd's listener options (`-P PORT`, `-r`, `-n`): this aiopopd never listens.
+/// The error shows the lines that do what the command line asked for, with its other options.
+fn listener_options(typed: &[OsString]) -> Option<String> {
+    let mut port: Option<String> = None;
+    let mut all = false;
+    let mut found = Vec::new();
+    let mut rest: Vec<String> = Vec::new();
+    let mut args = typed.iter().map(|a| a.to_string_lossy().into_owned());
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-P" | "--listen-port" => {
+                found.push("-P/--listen-port");
+                port = args.next();
+            }
+            "-r" | "--listen-all" => {
+                found.push("-r/--listen-all");
+                all = true;
+            }
+            "-n" | "--no-setuid" => found.push("-n/--no-setuid"),
+            // The Python aiopopd's per-user variant had -p/--path DIR; -p is the port here.
+            "-p" => match args.next() {
+                Some(v) if v.parse::<u16>().is_err() => {
+                    rest.push("--user-dir".into());
+                    rest.push(v);
+                }
+                Some(v) => {
+                    rest.push(a);
+                    rest.push(v);
+                }
+                None => rest.push(a),
+            },
+            _ => match a.strip_prefix("--listen-port=") {
+                Some(p) => {
+                    found.push("-P/--listen-port");
+                    port = Some(p.to_string());
+                }
+                None => rest.push(a),
+            },
+        }
+    }
+    if found.is_empty() {
+        return None;
+    }
+    found.dedup();
+    let bin = std::env::current_exe()
+        .ok()
+        .filter(|p| p.is_absolute())
+        .map_or("/usr/local/bin/aiopopd".to_string(), |p| {
+            p.display().to_string()
+        });
+    let port = port.unwrap_or_else(|| "PORT".into());
+    let listen = match all {
+        true => port.clone(),
+        false => format!("127.0.0.1:{port}"),
+    };
+    let quoted: Vec<String> = rest.iter().map(|a| shell_word(a)).collect();
+    let args = quoted.join(" ");
+    let sep = if args.is_empty() { "" } else { " " };
+    let mut unit_args = quoted.clone();
+    if !rest.iter().any(|a| a == "-l" || a == "--systemd-logging") {
+        unit_args.push("-l".into());
+    }
+    let unit_args = unit_args.join(" ");
+    let xinetd_args: Vec<&str> = rest
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "-l" && *a != "--systemd-logging")
+        .collect();
+    let mut msg = format!(
+        "{} {}: those are the Python aiopopd's listener options. This aiopopd never listens \
+         itself: it serves the one connection it is started for, on stdin/stdout or systemd's \
+         fd 3. Let one of these listen on port {port} instead (same options, less {}):\n\
+         \n\
+         by hand (testing):\n\
+         \x20   systemd-socket-activate -l {listen} --accept --inetd {bin}{sep}{args}\n\
+         \n\
+         systemd (see systemd/aiopopd.socket and systemd/aiopopd@.service):\n\
+         \x20   aiopopd.socket:    [Socket]  ListenStream={listen}  Accept=yes\n\
+         \x20   aiopopd@.service:  [Service] ExecStart={bin} {unit_args}\n\
+         \x20                      StandardInput=socket  StandardOutput=socket  StandardError=journal\n\
+         \n\
+         xinetd (see xinetd/aiopopd):\n\
+         \x20   service aiopopd {{ type = UNLISTED  port = {port}  socket_type = stream  wait = no\n\
+         \x20                      user = aiopopd  server = {bin}  server_args = {}{} }}",
+        if found.len() == 1 { "option" } else { "options" },
+        found.join(", "),
+        found.join(", "),
+        xinetd_args.join(" "),
+        match all {
+            true => "",
+            false => "\n\x20                      bind = 127.0.0.1",
+        },
+    );
+    if !all {
+        msg.push_str(
+            "\n(127.0.0.1: loopback only, as the Python aiopopd without -r. For every address, as \
+             -r did: -l PORT, ListenStream=PORT, and no bind line for xinetd.)",
+        );
+    }
+    if found.contains(&"-n/--no-setuid") {
+        msg.push_str(
+            "\n-n/--no-setuid has no equivalent: aiopopd never starts as root to drop privileges; \
+             run it as its own user (systemd DynamicUser=yes, xinetd user = aiopopd).",
+        );
+    }
+    if rest.iter().any(|a| a == "--user-dir") && typed.iter().any(|a| a == "-p") {
+        msg.push_str(
+            "\n-p DIR (the Python aiopopd's --path) is --user-dir DIR here; -p is the IMAP port.",
+        );
+    }
+    msg.push_str("\nThen try the options with: aiopopd --check ");
+    msg.push_str(&args);
+    Some(msg)
+}
+
+/// An argument as a POSIX shell reads it back (for the command lines in error messages).
+fn shell_word(a: &str) -> String {
+    let plain = !a.is_empty()
+        && a.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@%,+".contains(&b));
+    match plain {
+        true => a.to_string(),
+        false => format!("'{}'", a.replace('\'', "'\\''")),
+    }
+}
+
+/// Every option name in [`USAGE`] (aliases included): what a mistyped option is compared with.
+fn known_options() -> Vec<&'static str> {
+    let mut names: Vec<&str> = USAGE
+        .split(|c: char| c.is_whitespace() || ",()".contains(c))
+        .map(|w| w.trim_end_matches(['.', ':', ';']))
+        .filter(|w| {
+            w.len() >= 2
+                && w.starts_with('-')
+                && w[1..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '-')
+                && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Arguments nobody took: for each unknown option, the known ones it is likely a typo of.
+fn leftovers(rest: &[OsString]) -> String {
+    let rest: Vec<String> = rest
+        .iter()
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    let mut msg = format!("unexpected arguments: {}", rest.join(" "));
+    let known = known_options();
+    for r in &rest {
+        let name = r.split_once('=').map_or(r.as_str(), |(n, _)| n);
+        if !name.starts_with('-') || name.len() < 2 {
+            continue;
+        }
+        let close = suggestions(name, &known);
+        if !close.is_empty() {
+            msg.push_str(&format!(
+                "\n{name}: unknown option; did you mean {}?",
+                close.join(" or ")
+            ));
+        } else {
+            msg.push_str(&format!("\n{name}: unknown option (see aiopopd --help)"));
+        }
+    }
+    msg
+}
+
+/// Known options within edit distance 2 of `typed`, or that `typed` is the start of.
+fn suggestions<'a>(typed: &str, known: &[&'a str]) -> Vec<&'a str> {
+    // `-imap-ssl` for `--imap-ssl`.
+    let long = match typed.starts_with("--") {
+        true => typed.to_string(),
+        false if typed.len() > 2 => format!("-{typed}"),
+        false => typed.to_string(),
+    };
+    // A short option is one letter: everything is within 2 of it.
+    if long.len() <= 2 {
+        return Vec::new();
+    }
+    let mut close: Vec<(usize, &str)> = known
+        .iter()
+        .filter(|k| k.starts_with("--"))
+        .filter_map(|k| {
+            let d = edit_distance(&long, k);
+            let prefix = long.len() >= 5 && k.starts_with(long.as_str());
+            // Completions first (`--imap-host`), then by distance.
+            (d <= 2 || prefix).then_some((if prefix { 1 } else { d }, *k))
+        })
+        .collect();
+    close.sort();
+    close.into_iter().map(|(_, k)| k).collect()
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions), over bytes.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, &x) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &y) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(x != y))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 fn arg(e: pico_args::Error) -> String {
@@ -423,5 +691,61 @@ mod tests {
             p(&["--path", "/x"]).unwrap().imap.accounts.source,
             Source::UserDir("/x".into())
         );
+    }
+
+    #[test]
+    fn listener_options_show_the_lines_to_use_instead() {
+        let e = p(&["-P", "110", "-r", "-H", "imap.example.com", "-s"]).unwrap_err();
+        assert!(e.contains("-l 110 --accept --inetd "), "{e}");
+        assert!(e.contains(" -H imap.example.com -s\n"), "{e}");
+        assert!(e.contains("ListenStream=110 "), "{e}");
+        assert!(!e.contains("bind = "), "{e}");
+        // The Python per-user variant: -p was its directory.
+        let e = p(&["-p", "/etc/aiopopd/users", "--listen-port=995", "-n"]).unwrap_err();
+        assert!(e.contains("-l 127.0.0.1:995 "), "{e}");
+        assert!(e.contains(" --user-dir /etc/aiopopd/users"), "{e}");
+        assert!(e.contains("DynamicUser=yes"), "{e}");
+        let e = p(&["-P", "1", "-H", "h", "--mailbox", "My Mail"]).unwrap_err();
+        assert!(e.contains("-H h --mailbox 'My Mail'"), "{e}");
+        let e = p(&["-H", "h", "-p", "/etc/users"]).unwrap_err();
+        assert!(e.contains("--user-dir"), "{e}");
+    }
+
+    #[test]
+    fn mistyped_options_get_suggestions() {
+        let known = known_options();
+        for k in [
+            "--imap-ssl",
+            "--user-dir",
+            "--path",
+            "--check",
+            "--user",
+            "-H",
+        ] {
+            assert!(known.contains(&k), "{k}: {known:?}");
+        }
+        assert_eq!(suggestions("--imap-sll", &known), ["--imap-ssl"]);
+        assert_eq!(suggestions("-imap-ssl", &known), ["--imap-ssl"]);
+        assert_eq!(suggestions("--imap-host", &known)[0], "--imap-hostname");
+        assert!(suggestions("--completely-else", &known).is_empty());
+        assert!(suggestions("-x", &known).is_empty());
+        let e = p(&["-H", "h", "--ssl-crt", "c"]).unwrap_err();
+        assert!(e.contains("did you mean --ssl-cert?"), "{e}");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn check_and_its_user() {
+        let a = parse(
+            ["--check", "-H", "localhost", "-u", "alice"]
+                .iter()
+                .map(OsString::from)
+                .collect(),
+        )
+        .unwrap();
+        assert!(matches!(a, Action::Check { user: Some(ref u), .. } if u == "alice"));
+        assert!(p(&["-H", "localhost", "--user", "alice"])
+            .unwrap_err()
+            .contains("--check"));
     }
 }

@@ -1,13 +1,18 @@
 //! Where the client's bytes come from and go to: stdin/stdout (inetd, systemd
 //! `StandardInput=socket`, a pipe) or the socket systemd passed as fd 3; deadlines on every read
 //! and write; TLS (implicit, or started by STLS); and the line framing the session reads through
-//! ([`Conn`] implements [`Peer`]).
+//! ([`Conn`] implements [`Peer`]). With `--proxy-protocol-from`, the PROXY header a trusted
+//! balancer sends first is read here (parsed by [`proxy`]), and its source becomes the client's
+//! address.
 
-use crate::fd;
 use crate::pop3::MAX_COMMAND_LINE;
+use crate::proxy::{self, Progress};
 use crate::session::{Line, Peer, MAX_SASL_LINE};
+use crate::{fd, log, tls};
+use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +30,8 @@ pub struct RawConn {
     /// O_NONBLOCK is shared with whoever else holds the same open file (a terminal, the
     /// inetd socket): restore what we found.
     saved_flags: Vec<(File, libc::c_int)>,
+    /// The client's address as a trusted balancer's PROXY header gave it.
+    proxied_client: Option<IpAddr>,
 }
 
 impl RawConn {
@@ -53,6 +60,7 @@ impl RawConn {
             timeout,
             deadline_cap: None,
             saved_flags,
+            proxied_client: None,
         };
         if conn.is_socket() {
             // Without it a lock-step client waits ~40 ms for each reply (Nagle + delayed ACK).
@@ -70,8 +78,11 @@ impl RawConn {
         fd::is_socket(self.write.as_fd())
     }
 
-    /// The client's address, for the log.
+    /// The client's address, for the log: from the PROXY header if a trusted balancer sent one.
     pub fn peer_name(&self) -> String {
+        if let Some(ip) = self.proxied_client {
+            return ip.to_canonical().to_string();
+        }
         match socket2::SockRef::from(&self.write).peer_addr() {
             Ok(a) => a
                 .as_socket()
@@ -84,6 +95,89 @@ impl RawConn {
         }
     }
 
+    /// The address of the other end of the socket we read from (fd 0, or fd 3), if it is an IP one.
+    pub fn peer_ip(&self) -> Option<IpAddr> {
+        let addr = socket2::SockRef::from(&self.read).peer_addr().ok()?;
+        addr.as_socket().map(|a| a.ip())
+    }
+
+    /// `--proxy-protocol-from`: a connection from one of `trusted` must begin with a PROXY
+    /// header (v1 or v2) within [`proxy::HEADER_WAIT`]; its source then stands for the client's
+    /// address everywhere ([`RawConn::peer_name`]). Exactly the header's octets are read, so what
+    /// follows (a TLS ClientHello, POP3) is left for the rest. A header without a client address
+    /// (v2 LOCAL, v1 UNKNOWN: the balancer's health checks) leaves the peer's own. Any other peer
+    /// is left alone: nothing is read. `None`: the connection is to be closed unserved; the log
+    /// has said why.
+    pub fn accept_proxy_header(mut self, trusted: &[proxy::Cidr]) -> Option<RawConn> {
+        if trusted.is_empty() {
+            return Some(self);
+        }
+        let Some(balancer) = self.peer_ip().filter(|ip| proxy::is_trusted(trusted, *ip)) else {
+            return Some(self);
+        };
+        let balancer = balancer.to_canonical();
+        let result = self.read_proxy_header();
+        match result {
+            Ok(Some(source)) => {
+                log::debug(&format!(
+                    "PROXY header from {balancer}: client {}",
+                    source.ip().to_canonical()
+                ));
+                self.proxied_client = Some(source.ip());
+                Some(self)
+            }
+            Ok(None) => {
+                log::debug(&format!(
+                    "PROXY header from {balancer} names no client (LOCAL or UNKNOWN: a health check)"
+                ));
+                Some(self)
+            }
+            // A plain TCP health check: connect, close. Not worth a line each time.
+            Err(e @ HeaderFailure::Closed { after: 0 }) => {
+                log::debug(&format!("PROXY header refused: rip={balancer} reason={e}"));
+                None
+            }
+            Err(e) => {
+                log::warning(&format!("PROXY header refused: rip={balancer} reason={e}"));
+                None
+            }
+        }
+    }
+
+    /// Reads no more than [`proxy::parse`] asks for, so the header's last octet is the last read;
+    /// the whole header within [`proxy::HEADER_WAIT`] (or `--timeout`, if shorter).
+    fn read_proxy_header(&mut self) -> Result<Option<SocketAddr>, HeaderFailure> {
+        let wait = proxy::HEADER_WAIT.min(self.timeout);
+        self.deadline_cap = Some(Instant::now() + wait);
+        let result = self.read_proxy_header_bytes();
+        self.deadline_cap = None;
+        match result {
+            Err(HeaderFailure::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                Err(HeaderFailure::TimedOut(wait))
+            }
+            r => r,
+        }
+    }
+
+    fn read_proxy_header_bytes(&mut self) -> Result<Option<SocketAddr>, HeaderFailure> {
+        let mut buf = Vec::with_capacity(proxy::V1_MAX);
+        loop {
+            match proxy::parse(&buf).map_err(HeaderFailure::Bad)? {
+                Progress::Done { consumed, source } if consumed == buf.len() => return Ok(source),
+                Progress::Done { .. } => return Err(HeaderFailure::OverRead),
+                Progress::NeedMore(n) => {
+                    let old = buf.len();
+                    buf.resize(old + n, 0);
+                    let got = self.read(&mut buf[old..]).map_err(HeaderFailure::Io)?;
+                    if got == 0 {
+                        return Err(HeaderFailure::Closed { after: old });
+                    }
+                    buf.truncate(old + got);
+                }
+            }
+        }
+    }
+
     /// The fd the client is on, to tell whether stderr is the same.
     pub fn client_fd(&self) -> BorrowedFd<'_> {
         self.write.as_fd()
@@ -92,6 +186,42 @@ impl RawConn {
     fn deadline(&self) -> Instant {
         let d = Instant::now() + self.timeout;
         self.deadline_cap.map_or(d, |cap| cap.min(d))
+    }
+}
+
+/// Why a trusted peer's connection is closed before anything is served.
+#[derive(Debug)]
+enum HeaderFailure {
+    TimedOut(Duration),
+    Io(io::Error),
+    Closed {
+        after: usize,
+    },
+    Bad(proxy::Error),
+    /// The parser let us read past the header's end (a bug; the bytes behind it would be lost).
+    OverRead,
+}
+
+impl fmt::Display for HeaderFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderFailure::TimedOut(wait) => {
+                write!(
+                    f,
+                    "no complete PROXY header within {} s",
+                    wait.as_secs_f64()
+                )
+            }
+            HeaderFailure::Io(e) => write!(f, "reading the PROXY header: {e}"),
+            HeaderFailure::Closed { after: 0 } => {
+                write!(f, "closed without sending a PROXY header")
+            }
+            HeaderFailure::Closed { after } => {
+                write!(f, "closed after {after} octets of a PROXY header")
+            }
+            HeaderFailure::Bad(e) => write!(f, "{e}"),
+            HeaderFailure::OverRead => write!(f, "internal error: read past the PROXY header"),
+        }
     }
 }
 
@@ -142,14 +272,19 @@ pub trait Transport: Read + Write {
     fn is_secure(&self) -> bool;
     /// True if STLS can be offered now.
     fn can_start_tls(&self) -> bool;
+    /// Reads the certificate and key STLS will use, if not yet done; `Err` names the file.
+    fn prepare_tls(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     fn start_tls(&mut self) -> io::Result<()>;
 }
 
 /// The client connection, plain or TLS.
 pub struct Stream {
     inner: Inner,
-    /// The configuration STLS would use, while the connection is still plain.
-    stls: Option<Arc<rustls::ServerConfig>>,
+    /// What STLS would use, while the connection is still plain: the certificate and key
+    /// files, read at the first STLS.
+    stls: Option<tls::Deferred>,
 }
 
 enum Inner {
@@ -161,7 +296,7 @@ enum Inner {
 
 impl Stream {
     /// A plain connection; with `stls`, STLS is offered.
-    pub fn plain(raw: RawConn, stls: Option<Arc<rustls::ServerConfig>>) -> Stream {
+    pub fn plain(raw: RawConn, stls: Option<tls::Deferred>) -> Stream {
         Stream {
             inner: Inner::Plain(raw),
             stls,
@@ -209,8 +344,16 @@ impl Transport for Stream {
         self.stls.is_some() && matches!(self.inner, Inner::Plain(_))
     }
 
+    fn prepare_tls(&mut self) -> Result<(), String> {
+        match &mut self.stls {
+            Some(deferred) => deferred.load().map(drop),
+            None => Err("STLS is not configured".into()),
+        }
+    }
+
     fn start_tls(&mut self) -> io::Result<()> {
-        let config = self.stls.take().ok_or(io::ErrorKind::Unsupported)?;
+        let mut deferred = self.stls.take().ok_or(io::ErrorKind::Unsupported)?;
+        let config = deferred.load().map_err(io::Error::other)?;
         match std::mem::replace(&mut self.inner, Inner::Closed) {
             Inner::Plain(raw) => {
                 self.inner = Inner::Tls(handshake(raw, config)?);
@@ -352,6 +495,10 @@ impl<S: Transport> Peer for Conn<S> {
 
     fn can_start_tls(&self) -> bool {
         self.stream.can_start_tls()
+    }
+
+    fn prepare_tls(&mut self) -> Result<(), String> {
+        self.stream.prepare_tls()
     }
 
     fn has_pending_input(&self) -> bool {
@@ -500,6 +647,68 @@ mod tests {
             assert_eq!(lines(&input, piece), expected, "piece {piece}");
         }
         assert_eq!(lines(&input, 100_000), expected);
+    }
+
+    /// The raw connection over one end of a socket pair; the other end is the peer.
+    fn socket_pair(timeout: Duration) -> (RawConn, std::os::unix::net::UnixStream) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let read = File::from(std::os::fd::OwnedFd::from(ours));
+        let write = read.try_clone().unwrap();
+        (RawConn::new(read, write, timeout).unwrap(), theirs)
+    }
+
+    #[test]
+    fn the_proxy_header_is_read_to_its_last_octet_and_no_further() {
+        let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0f".to_vec();
+        v2.extend_from_slice(&[203, 0, 113, 7, 127, 0, 0, 1, 0x9c, 0x40, 0, 110]);
+        v2.extend_from_slice(&[0x04, 0, 0]); // a NOOP TLV
+        for (header, client) in [
+            (
+                &b"PROXY TCP4 198.51.100.1 127.0.0.1 1 110\r\n"[..],
+                Some("198.51.100.1:1"),
+            ),
+            (&v2, Some("203.0.113.7:40000")),
+            (b"PROXY UNKNOWN\r\n", None),
+        ] {
+            let (mut raw, mut peer) = socket_pair(Duration::from_secs(5));
+            // The header and what follows arrive together, as from a balancer.
+            peer.write_all(&[header, b"\x16\x03\x01CAPA\r\n"].concat())
+                .unwrap();
+            drop(peer);
+            let got = raw.read_proxy_header().unwrap();
+            assert_eq!(got, client.map(|c| c.parse().unwrap()));
+            let mut rest = Vec::new();
+            raw.read_to_end(&mut rest).unwrap();
+            assert_eq!(rest, b"\x16\x03\x01CAPA\r\n");
+            assert!(raw.deadline_cap.is_none());
+        }
+    }
+
+    #[test]
+    fn a_missing_or_bad_proxy_header_is_refused() {
+        let (mut raw, _peer) = socket_pair(Duration::from_millis(300));
+        let started = Instant::now();
+        let e = raw.read_proxy_header().unwrap_err();
+        assert!(matches!(e, HeaderFailure::TimedOut(_)), "{e}");
+        assert_eq!(e.to_string(), "no complete PROXY header within 0.3 s");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        for (input, reason) in [
+            (&b""[..], "closed without sending a PROXY header"),
+            (
+                b"PROXY TCP4 1.2.3.4",
+                "closed after 18 octets of a PROXY header",
+            ),
+            (b"USER a\r\n", "not a PROXY protocol header"),
+            (
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
+                "v1 header: LF without CR",
+            ),
+        ] {
+            let (mut raw, mut peer) = socket_pair(Duration::from_secs(5));
+            peer.write_all(input).unwrap();
+            drop(peer);
+            assert_eq!(raw.read_proxy_header().unwrap_err().to_string(), reason);
+        }
     }
 
     #[test]

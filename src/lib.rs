@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod account;
+pub mod check;
 pub mod config;
 pub mod conn;
 pub mod fd;
@@ -14,6 +15,7 @@ pub mod imap;
 pub mod log;
 pub mod maildrop;
 pub mod pop3;
+pub mod proxy;
 pub mod sasl;
 pub mod secret;
 pub mod session;

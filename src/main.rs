@@ -5,7 +5,7 @@
 #![deny(unsafe_code)]
 
 use aiopopd::config::{self, Action, Config};
-use aiopopd::{conn, fd, imap, log, session, tls};
+use aiopopd::{check, conn, fd, imap, log, session, tls};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -18,7 +18,9 @@ fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         log::error(&format!("internal error (please report): {info}"));
     }));
-    match config::parse(std::env::args_os().skip(1).collect()) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let checking = args.iter().any(|a| a == "--check");
+    match config::parse(args) {
         Ok(Action::Help) => {
             print!("{}", config::USAGE);
             ExitCode::SUCCESS
@@ -28,21 +30,45 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Action::Serve(config)) => run(*config),
+        Ok(Action::Check { config, user }) => {
+            // A person (or a script) runs --check: no client, and stderr is theirs.
+            drop(std::panic::take_hook());
+            check::run(&config, user.as_deref())
+        }
+        Err(msg) if checking => {
+            eprintln!("aiopopd --check: configuration error: {msg}\n(see aiopopd --help)");
+            ExitCode::FAILURE
+        }
         Err(msg) => refuse(&msg),
     }
 }
 
-/// A bad command line: say so in the log, on stderr if that is safe, and to the client (if
-/// there is one) as a POP3 error rather than silence.
+/// A bad command line: say so in the log; in full, with the fix, on stderr wherever stderr is
+/// not the client connection (a terminal, a pipe, a file, the journal); and to the client (if
+/// there is one) as one POP3 error line rather than silence.
 fn refuse(msg: &str) -> ExitCode {
     let conn = conn::RawConn::from_environment(Duration::from_secs(10));
-    let stderr_safe = conn
-        .as_ref()
-        .map_or(true, |c| fd::stderr_is_safe(c.client_fd()));
-    log::init(log::Target::Syslog, false, false);
-    log::error(&format!("configuration error: {msg}"));
-    if stderr_safe {
-        eprintln!("aiopopd: {msg}\n(see aiopopd --help)");
+    // Someone trying the command by hand: stdin, stdout and stderr are all their terminal,
+    // and there is no client to protect.
+    let at_terminal = conn.as_ref().is_ok_and(|c| c.is_terminal());
+    let stderr_safe = at_terminal
+        || conn
+            .as_ref()
+            .map_or(true, |c| fd::stderr_is_safe(c.client_fd()));
+    if stderr_safe && stderr_is_journal() {
+        // systemd's StandardError=journal: the log is stderr, one entry per line.
+        log::init(log::Target::Stderr, true, false);
+        log::error("configuration error (the fix follows):");
+        for line in msg.lines() {
+            log::error(line);
+        }
+    } else {
+        log::init(log::Target::Syslog, false, false);
+        let one_line: Vec<&str> = msg.lines().map(str::trim).collect();
+        log::error(&format!("configuration error: {}", one_line.join(" ")));
+        if stderr_safe {
+            eprintln!("aiopopd: {msg}\n(see aiopopd --help)");
+        }
     }
     if let Ok(mut c) = conn {
         if !c.is_terminal() {
@@ -51,6 +77,19 @@ fn refuse(msg: &str) -> ExitCode {
         }
     }
     ExitCode::from(2)
+}
+
+/// Whether fd 2 is the journal's stream (`$JOURNAL_STREAM` names its device and inode).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(named) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = fd::dup(std::io::stderr().as_fd()).and_then(|f| f.metadata()) else {
+        return false;
+    };
+    named.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
 }
 
 fn run(config: Config) -> ExitCode {
@@ -68,6 +107,11 @@ fn run(config: Config) -> ExitCode {
         fd::stderr_is_safe(raw.client_fd()),
         config.verbose,
     );
+    // --proxy-protocol-from: a balancer's connection starts with the client's address (before
+    // TLS); a trusted peer that doesn't send it is closed unserved.
+    let Some(raw) = raw.accept_proxy_header(&config.proxy_protocol_from) else {
+        return ExitCode::SUCCESS;
+    };
     log::set_peer(raw.peer_name());
     log::debug(&format!("connection from {}", log::peer()));
 
@@ -81,6 +125,9 @@ fn run(config: Config) -> ExitCode {
     };
     let stream = match &config.tls {
         None => conn::Stream::plain(raw, None),
+        // Read at the first STLS (per process, so a renewed certificate is used from the next
+        // connection on); one that can't be loaded gets the client a clear -ERR then.
+        Some(t) if t.stls => conn::Stream::plain(raw, Some(tls::Deferred::Files(t.files.clone()))),
         Some(t) => {
             // Read per process: a renewed certificate is used from the next connection on.
             let server_config = match tls::server_config(&t.files) {
@@ -90,15 +137,11 @@ fn run(config: Config) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            if t.stls {
-                conn::Stream::plain(raw, Some(server_config))
-            } else {
-                match conn::Stream::implicit_tls(raw, server_config) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        session::log_handshake_failure(&e);
-                        return ExitCode::SUCCESS;
-                    }
+            match conn::Stream::implicit_tls(raw, server_config) {
+                Ok(s) => s,
+                Err(e) => {
+                    session::log_handshake_failure(&e);
+                    return ExitCode::SUCCESS;
                 }
             }
         }

@@ -13,6 +13,7 @@ use crate::uidl::UidlFormat;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use std::io::{self, Write};
+use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
 
 /// Octets asked of the backend per round trip for RETR: big enough that a typical message is one
@@ -26,6 +27,10 @@ const PREFETCH_HINT: usize = 64;
 pub const MAX_BAD_COMMANDS: u32 = 3;
 /// Failed logins on one connection before we hang up.
 pub const MAX_FAILED_LOGINS: u32 = 3;
+/// AUTH exchanges the client cancelled (`*`) before we hang up. A cancel is the client's right
+/// (RFC 5034), not a bad command; but a relayed exchange opens an IMAP connection each time, so
+/// endless ones are bounded too.
+pub const MAX_CANCELLED_AUTHS: u32 = 10;
 /// A SASL response line may be far longer than a command (OAuth tokens run to several KB);
 /// RFC 5034 lets the server bound it.
 pub const MAX_SASL_LINE: usize = 16 << 10;
@@ -52,6 +57,11 @@ pub trait Peer: Write {
     fn can_start_tls(&self) -> bool;
     /// True if the client sent bytes not yet read as commands.
     fn has_pending_input(&self) -> bool;
+    /// Makes TLS ready before STLS is answered (the certificate and key are read then, not at
+    /// start). `Err` says what failed, naming the file, for the log; the connection stays plain.
+    fn prepare_tls(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// Flushes pending replies and performs the TLS handshake (STLS).
     fn start_tls(&mut self) -> io::Result<()>;
 }
@@ -63,8 +73,11 @@ pub struct Settings {
     pub uidl_format: UidlFormat,
     /// `--sasl`: offer exactly these mechanisms (upper case); `None`: PLAIN and LOGIN.
     pub sasl: Option<Vec<String>>,
-    /// How long a refused login waits before its `-ERR [AUTH]`.
-    pub auth_failure_delay: std::time::Duration,
+    /// The earliest a refused login gets its `-ERR [AUTH]`, counted from when the client's
+    /// credentials were complete: a floor, not an addition, so that the answer comes at the
+    /// same time whether the IMAP server was asked (a known `--user-dir` user) or not (an
+    /// unknown one).
+    pub auth_failure_delay: Duration,
 }
 
 /// What happened, for the one summary line logged per session.
@@ -104,6 +117,7 @@ pub struct Session<B: Backend> {
     summary: Summary,
     bad_commands: u32,
     failed_logins: u32,
+    cancelled_auths: u32,
 }
 
 /// How a SASL exchange with the client stopped short.
@@ -132,6 +146,8 @@ struct Relay<'a, P> {
     peer: &'a mut P,
     stopped: Option<Stop>,
     first: Option<Vec<u8>>,
+    /// When the client's last answer arrived: what the server says next is the login's result.
+    answered: Instant,
 }
 
 impl<P: Peer> SaslClient for Relay<'_, P> {
@@ -141,6 +157,7 @@ impl<P: Peer> SaslClient for Relay<'_, P> {
         }
         match ask(self.peer, challenge) {
             Ok(answer) => {
+                self.answered = Instant::now();
                 if self.first.is_none() {
                     self.first = Some(answer.clone());
                 }
@@ -198,6 +215,7 @@ impl<B: Backend> Session<B> {
             summary: Summary::default(),
             bad_commands: 0,
             failed_logins: 0,
+            cancelled_auths: 0,
         }
     }
 
@@ -402,6 +420,17 @@ impl<B: Backend> Session<B> {
             )?;
             return Ok(Next::End("stls-pipelined"));
         }
+        if let Err(why) = peer.prepare_tls() {
+            // The administrator's problem, said in clear before any handshake, rather than a
+            // connection reset that looks like a network fault. The client may retry later.
+            log::error(&format!("STLS refused: TLS is not available: {why}"));
+            reply(
+                peer,
+                false,
+                "[SYS/TEMP] TLS is not available; try again later.",
+            )?;
+            return Ok(Next::Continue(State::Authorization { user }));
+        }
         reply(peer, true, "Begin TLS negotiation.")?;
         match peer.start_tls() {
             Ok(()) => Ok(Next::Continue(State::Authorization { user: None })),
@@ -422,9 +451,11 @@ impl<B: Backend> Session<B> {
         user: String,
         password: Secret,
     ) -> io::Result<Next<B::Maildrop>> {
+        // The client's part is done: every refusal is timed from here.
+        let started = Instant::now();
         if !valid_user(&user) {
             log::login_failed(&user, "user name with control characters");
-            return self.login_failed(peer, "[AUTH] Authentication failed.");
+            return self.login_failed(peer, "[AUTH] Authentication failed.", started);
         }
         // Bytes that would end or split an IMAP command never leave this process.
         if password
@@ -433,18 +464,20 @@ impl<B: Backend> Session<B> {
             .any(|&b| b == b'\r' || b == b'\n' || b == 0)
         {
             log::login_failed(&user, "password contains CR, LF or NUL");
-            return self.login_failed(peer, "[AUTH] Authentication failed.");
+            return self.login_failed(peer, "[AUTH] Authentication failed.", started);
         }
         let result = self.backend.login(&user, &password);
-        self.login_result(peer, &user, result)
+        self.login_result(peer, &user, result, started)
     }
 
-    /// The end of every kind of login: TRANSACTION, or the right `-ERR`.
+    /// The end of every kind of login: TRANSACTION, or the right `-ERR`. `started`: when the
+    /// client's last credentials arrived.
     fn login_result<P: Peer>(
         &mut self,
         peer: &mut P,
         user: &str,
         result: Result<B::Maildrop, Error>,
+        started: Instant,
     ) -> io::Result<Next<B::Maildrop>> {
         // Client-controlled: never raw into a log line.
         let user = &log::truncated(user.as_bytes());
@@ -468,7 +501,7 @@ impl<B: Backend> Session<B> {
                     Error::InUse(_) => log::warning(&format!("user={user} login: {e}")),
                     _ => log::error(&format!("user={user} login: {e}")),
                 }
-                self.login_failed(peer, error_reply(&e, During::Login))
+                self.login_failed(peer, error_reply(&e, During::Login), started)
             }
         }
     }
@@ -556,7 +589,11 @@ impl<B: Backend> Session<B> {
                 let user = String::from_utf8_lossy(authcid).into_owned();
                 if !authzid.is_empty() && authzid != authcid {
                     log::login_failed(&user, "PLAIN with a different authorization identity");
-                    return self.login_failed(peer, "[AUTH] Authentication failed.");
+                    return self.login_failed(
+                        peer,
+                        "[AUTH] Authentication failed.",
+                        Instant::now(),
+                    );
                 }
                 self.login(peer, user, Secret::new(passwd.to_vec()))
             }
@@ -575,9 +612,11 @@ impl<B: Backend> Session<B> {
                     peer: &mut *peer,
                     stopped: None,
                     first: initial.clone(),
+                    answered: Instant::now(),
                 };
                 let result = self.backend.authenticate(&mech, initial, &mut relay);
                 let (stopped, first) = (relay.stopped.take(), relay.first.take());
+                let answered = relay.answered;
                 if let Some(stop) = stopped {
                     // The empty answer sent in its place may still have completed the login
                     // (SCRAM's last step is empty): the client said no, so log out again.
@@ -598,28 +637,59 @@ impl<B: Backend> Session<B> {
                 let user = first
                     .and_then(|f| sasl_user(&mech, &f))
                     .unwrap_or_else(|| format!("({mech})"));
-                self.login_result(peer, &user, result)
+                self.login_result(peer, &user, result, answered)
             }
         }
     }
 
-    /// The client cancelled or garbled a SASL exchange (RFC 5034: a negative response).
+    /// The client cancelled or garbled a SASL exchange (RFC 5034: a negative response). A
+    /// cancel is the client's right, not a bad command: it has its own, larger budget.
     fn sasl_stopped<P: Peer>(&mut self, peer: &mut P, stop: Stop) -> io::Result<Next<B::Maildrop>> {
         let text = match stop {
             Stop::Io(e) => return Err(e),
             Stop::Gone => return Ok(Next::End("client-gone")),
-            Stop::Cancelled => "Authentication cancelled.",
+            Stop::Cancelled => {
+                reply(peer, false, "Authentication cancelled.")?;
+                self.cancelled_auths += 1;
+                if self.cancelled_auths >= MAX_CANCELLED_AUTHS {
+                    reply(peer, false, "Too many cancelled authentications; closing.")?;
+                    return Ok(Next::End("too-many-cancelled-auths"));
+                }
+                return Ok(Next::Continue(State::Authorization { user: None }));
+            }
             Stop::Invalid => "Invalid SASL response.",
             Stop::TooLong => "SASL response too long.",
         };
         self.bad(peer, text, State::Authorization { user: None })
     }
 
-    fn login_failed<P: Peer>(&mut self, peer: &mut P, text: &str) -> io::Result<Next<B::Maildrop>> {
+    /// A refused login. `[AUTH]` refusals answer no sooner than `--auth-failure-delay` after
+    /// `started` (when the client's credentials were complete). Slows down password guessing
+    /// through us, as Dovecot's auth_failure_delay does; and, being a floor rather than an
+    /// addition, makes every refusal answer at the same point whether the IMAP server was asked
+    /// (a known `--user-dir` user) or not (an unknown name, a bad user name): how long it takes
+    /// doesn't tell which names exist. That holds as long as the IMAP server refuses within the
+    /// delay; a server slower than that shows through (logged with -v).
+    fn login_failed<P: Peer>(
+        &mut self,
+        peer: &mut P,
+        text: &str,
+        started: Instant,
+    ) -> io::Result<Next<B::Maildrop>> {
         if text.starts_with("[AUTH]") {
-            // Slows down password guessing through us, as Dovecot's auth_failure_delay does.
             peer.flush()?;
-            std::thread::sleep(self.settings.auth_failure_delay);
+            let delay = self.settings.auth_failure_delay;
+            let took = started.elapsed();
+            match delay.checked_sub(took) {
+                Some(rest) => std::thread::sleep(rest),
+                None if !delay.is_zero() => log::debug(&format!(
+                    "the refusal took {:.3}s, longer than --auth-failure-delay {}s: refusals \
+                     the IMAP server isn't asked about (unknown --user-dir users) answer sooner",
+                    took.as_secs_f64(),
+                    delay.as_secs_f64()
+                )),
+                None => {}
+            }
         }
         reply(peer, false, text)?;
         self.failed_logins += 1;
@@ -1049,6 +1119,10 @@ mod tests {
         input: VecDeque<u8>,
         output: Vec<u8>,
         secure: bool,
+        /// STLS offered, and what preparing TLS gives.
+        stls: Option<Result<(), String>>,
+        /// A client that waits for each reply: nothing is ever pending behind a command.
+        lockstep: bool,
     }
 
     impl Write for Pipe {
@@ -1082,10 +1156,13 @@ mod tests {
             self.read_line()
         }
         fn can_start_tls(&self) -> bool {
-            false
+            self.stls.is_some() && !self.secure
+        }
+        fn prepare_tls(&mut self) -> Result<(), String> {
+            self.stls.clone().unwrap_or(Err("not offered".into()))
         }
         fn has_pending_input(&self) -> bool {
-            !self.input.is_empty()
+            !self.lockstep && !self.input.is_empty()
         }
         fn start_tls(&mut self) -> io::Result<()> {
             Err(io::ErrorKind::Unsupported.into())
@@ -1110,7 +1187,7 @@ mod tests {
             allow_plaintext_auth: true,
             uidl_format: UidlFormat::default(),
             sasl: None,
-            auth_failure_delay: std::time::Duration::ZERO,
+            auth_failure_delay: Duration::ZERO,
         }
     }
 
@@ -1119,6 +1196,8 @@ mod tests {
             input: script.bytes().collect(),
             output: Vec::new(),
             secure: false,
+            stls: None,
+            lockstep: false,
         };
         let summary = Session::new(backend, settings).run(&mut pipe);
         (String::from_utf8_lossy(&pipe.output).into_owned(), summary)
@@ -1365,6 +1444,69 @@ mod tests {
                 "-ERR [AUTH] Authentication failed.",
             ]
         );
+    }
+
+    #[test]
+    fn a_cancelled_auth_is_not_a_bad_command() {
+        let cancel = "AUTH PLAIN\r\n*\r\nAUTH LOGIN\r\ndQ==\r\n*\r\n".repeat(2);
+        let (out, summary) = run_with(fake(), settings(), &format!("{cancel}FOO\r\nNOOP\r\n"));
+        let t = transcript(&out);
+        assert_eq!(t[1..5], ["-ERR Authentication cancelled."; 4]);
+        assert_eq!(t[5..], ["-ERR Unknown command.", "+OK"]);
+        assert_eq!(summary.outcome, "client-gone");
+        // A cancelled exchange after bad commands doesn't tip the budget either.
+        let (out, _) = run_with(
+            fake(),
+            settings(),
+            &format!("FOO\r\nBAR\r\n{cancel}{LOGIN}"),
+        );
+        assert!(out.ends_with("+OK Logged in, 3 messages.\r\n"), "{out}");
+        // Endless cancels are bounded on their own.
+        let many = "AUTH PLAIN\r\n*\r\n".repeat(MAX_CANCELLED_AUTHS as usize + 1);
+        let (out, summary) = run_with(fake(), settings(), &many);
+        assert!(out.ends_with(
+            "-ERR Authentication cancelled.\r\n\
+             -ERR Too many cancelled authentications; closing.\r\n"
+        ));
+        assert_eq!(summary.outcome, "too-many-cancelled-auths");
+    }
+
+    #[test]
+    fn stls_without_a_usable_certificate_is_a_clear_err_and_the_session_goes_on() {
+        let mut pipe = Pipe {
+            input: "CAPA\r\nSTLS\r\nSTLS\r\nSTLS\r\nNOOP\r\nQUIT\r\n"
+                .bytes()
+                .collect(),
+            output: Vec::new(),
+            secure: false,
+            stls: Some(Err(
+                "reading the private key from /k.pem: no such file".into()
+            )),
+            lockstep: true,
+        };
+        let s = Settings {
+            allow_plaintext_auth: false,
+            ..settings()
+        };
+        let summary = Session::new(fake(), s).run(&mut pipe);
+        let out = String::from_utf8_lossy(&pipe.output).into_owned();
+        assert!(
+            out.contains("PIPELINING\r\nSTLS\r\nIMPLEMENTATION"),
+            "{out}"
+        );
+        let t = transcript(&out);
+        assert_eq!(
+            t[2..],
+            [
+                "-ERR [SYS/TEMP] TLS is not available; try again later.",
+                "-ERR [SYS/TEMP] TLS is not available; try again later.",
+                "-ERR [SYS/TEMP] TLS is not available; try again later.",
+                "+OK",
+                "+OK Bye.",
+            ]
+        );
+        assert_eq!(summary.outcome, "quit-before-login");
+        assert!(!pipe.secure);
     }
 
     #[test]

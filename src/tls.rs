@@ -43,6 +43,29 @@ pub fn server_config(files: &Files) -> Result<Arc<rustls::ServerConfig>, String>
     Ok(Arc::new(config))
 }
 
+/// TLS that STLS may start: the files until the client first asks, then the configuration read
+/// from them. A session that never sends STLS never reads the key; and a certificate or key that
+/// can't be loaded is met at STLS, where the client can be told `-ERR` in clear, rather than
+/// before the greeting, where the only thing left to do is close the connection.
+#[derive(Debug)]
+pub enum Deferred {
+    Files(Files),
+    Ready(Arc<rustls::ServerConfig>),
+}
+
+impl Deferred {
+    /// The configuration, read now if it wasn't yet. An error names the file and the problem;
+    /// the next call tries again.
+    pub fn load(&mut self) -> Result<Arc<rustls::ServerConfig>, String> {
+        let config = match self {
+            Deferred::Ready(config) => return Ok(config.clone()),
+            Deferred::Files(files) => server_config(files)?,
+        };
+        *self = Deferred::Ready(config.clone());
+        Ok(config)
+    }
+}
+
 /// Creates a self-signed pair unless both files exist. Many first connections may arrive at
 /// once: a lock serialises them, and each file appears whole (temp file + rename). A file that
 /// exists is never overwritten.
@@ -136,6 +159,34 @@ mod tests {
         let cert = fs::read(&files.cert).unwrap();
         server_config(&files).unwrap();
         assert_eq!(fs::read(&files.cert).unwrap(), cert, "never overwritten");
+    }
+
+    #[test]
+    fn deferred_loading_names_the_file_and_the_problem_and_tries_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            generate_for: None,
+        };
+        let mut d = Deferred::Files(files.clone());
+        let e = d.load().unwrap_err();
+        assert!(e.contains("cert.pem") && e.contains("No such file"), "{e}");
+        let pair = rcgen::generate_simple_self_signed(vec!["pop.example".into()]).unwrap();
+        fs::write(&files.cert, pair.cert.pem()).unwrap();
+        let e = d.load().unwrap_err();
+        assert!(e.contains("key.pem") && e.contains("No such file"), "{e}");
+        fs::write(&files.key, "not a key").unwrap();
+        let e = d.load().unwrap_err();
+        assert!(e.contains("key.pem"), "{e}");
+        let other = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        fs::write(&files.key, other.signing_key.serialize_pem()).unwrap();
+        let e = d.load().unwrap_err();
+        assert!(e.contains("cert.pem") && e.contains("key.pem"), "{e}");
+        fs::write(&files.key, pair.signing_key.serialize_pem()).unwrap();
+        d.load().unwrap();
+        fs::remove_file(&files.key).unwrap();
+        d.load().expect("read once, kept");
     }
 
     #[test]

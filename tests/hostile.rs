@@ -533,6 +533,23 @@ fn write_fuzz_seeds() {
             &[&[*how][..], bytes].concat(),
         );
     }
+    // PROXY protocol headers as balancers send them, and trusted-network lists (see
+    // fuzz/fuzz_targets/proxy_header.rs).
+    for (name, bytes) in [
+        (
+            "v1",
+            &b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\nUSER a\r\n"[..],
+        ),
+        ("v1-unknown", b"PROXY UNKNOWN\r\n"),
+        (
+            "v2-tcp4",
+            b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0f\x01\x02\x03\x04\x05\x06\x07\x08\x00\x01\x00\x02\x04\x00\x00",
+        ),
+        ("v2-local", b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00"),
+        ("cidrs", b"10.0.0.0/8,::ffff:0:0/96,2001:db8::/32"),
+    ] {
+        write("proxy_header", name, bytes);
+    }
     for c in load_corpus() {
         let input = &c.input[..c.input.len().min(MAX)];
         write("parse_command", &c.name, input);

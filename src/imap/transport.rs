@@ -100,7 +100,7 @@ pub fn connect(server: &Server, timeout: Duration) -> Result<TcpStream, String> 
     let where_ = format!("{}:{}", server.host, server.port);
     let addrs = (server.host.as_str(), server.port)
         .to_socket_addrs()
-        .map_err(|e| format!("resolving {where_}: {e}"))?;
+        .map_err(|e| format!("resolving {where_}: {e} ({RESOLVE_HINT})"))?;
     let mut last = None;
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, timeout) {
@@ -114,10 +114,73 @@ pub fn connect(server: &Server, timeout: Duration) -> Result<TcpStream, String> 
             Err(e) => last = Some(e),
         }
     }
+    let hint = match last.as_ref().map(io::Error::kind) {
+        Some(io::ErrorKind::ConnectionRefused) => format!(" ({REFUSED_HINT})"),
+        _ => String::new(),
+    };
     Err(format!(
-        "connecting to {where_}: {}",
+        "connecting to {where_}: {}{hint}",
         last.map_or("no addresses".to_string(), |e| e.to_string())
     ))
+}
+
+/// What to do when the IMAP host name doesn't resolve (the log line and `--check` say it).
+pub const RESOLVE_HINT: &str =
+    "unknown host: check -H, or \"hostname\" in the --user-dir file, and DNS";
+/// What to do when nothing listens on the IMAP port.
+pub const REFUSED_HINT: &str = "nothing listens on that port: check -p, or \"port\" in the \
+    --user-dir file (IMAPS with -s is usually 993, IMAP 143), and that the server runs";
+
+/// What a failed TLS handshake with the IMAP server most likely means, from OpenSSL's text:
+/// the fix to put in the log line and in `--check`'s report.
+pub fn tls_hint(error: &str) -> Option<&'static str> {
+    let e = error.to_ascii_lowercase();
+    if e.contains("wrong version number") || e.contains("packet length too long") {
+        Some(
+            "the server answered in clear text, so this is a plain IMAP port: drop -s (and \
+             use --imap-starttls), or use the IMAPS port (usually 993)",
+        )
+    } else if e.contains("hostname mismatch") || e.contains("ip address mismatch") {
+        Some(
+            "the server's certificate is for another name: give -H (or \"hostname\") as the \
+             name the certificate was issued for",
+        )
+    } else if e.contains("certificate has expired") {
+        Some("the server's certificate has expired: it must be renewed on the IMAP server")
+    } else if e.contains("certificate verify failed") {
+        Some(
+            "the server's certificate isn't trusted: if it is self-signed or from a private \
+             CA, give that CA certificate (PEM) with --imap-ca FILE",
+        )
+    } else {
+        None
+    }
+}
+
+/// The TLS client configuration: TLS 1.2+, the system roots plus the certificates in `ca`.
+/// `Err` is (what, permanent).
+pub fn connector(ca: Option<&Path>) -> Result<native_tls::TlsConnector, (String, bool)> {
+    let mut builder = native_tls::TlsConnector::builder();
+    builder.min_protocol_version(Some(native_tls::Protocol::Tlsv12));
+    if let Some(ca) = ca {
+        let pem =
+            std::fs::read(ca).map_err(|e| (format!("--imap-ca {}: {e}", ca.display()), true))?;
+        let blocks = pem_blocks(&pem);
+        if blocks.is_empty() {
+            return Err((
+                format!("--imap-ca {}: no PEM CERTIFICATE in it", ca.display()),
+                true,
+            ));
+        }
+        for block in blocks {
+            let cert = native_tls::Certificate::from_pem(block)
+                .map_err(|e| (format!("--imap-ca {}: {e}", ca.display()), true))?;
+            builder.add_root_certificate(cert);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| (format!("TLS setup: {e}"), false))
 }
 
 /// TLS 1.2+ over `tcp`, the certificate and host name verified against the system roots and
@@ -128,23 +191,16 @@ pub fn tls(
     ca: Option<&Path>,
     timeout: Duration,
 ) -> Result<Stream, (String, bool)> {
-    let mut builder = native_tls::TlsConnector::builder();
-    builder.min_protocol_version(Some(native_tls::Protocol::Tlsv12));
-    if let Some(ca) = ca {
-        let pem =
-            std::fs::read(ca).map_err(|e| (format!("--imap-ca {}: {e}", ca.display()), true))?;
-        for block in pem_blocks(&pem) {
-            let cert = native_tls::Certificate::from_pem(block)
-                .map_err(|e| (format!("--imap-ca {}: {e}", ca.display()), true))?;
-            builder.add_root_certificate(cert);
-        }
-    }
-    let connector = builder
-        .build()
-        .map_err(|e| (format!("TLS setup: {e}"), false))?;
+    let connector = connector(ca)?;
     let tls = connector
         .connect(host, Timed::new(tcp, timeout))
-        .map_err(|e| (format!("TLS to {host}: {e}"), false))?;
+        .map_err(|e| {
+            let e = e.to_string();
+            match tls_hint(&e) {
+                Some(hint) => (format!("TLS to {host}: {e} ({hint})"), false),
+                None => (format!("TLS to {host}: {e}"), false),
+            }
+        })?;
     Ok(Stream::Tls(Box::new(tls)))
 }
 

@@ -39,6 +39,9 @@ Other:
 The session: CAPA, USER, PASS, STAT, LIST, UIDL, RETR 1 (if there is a message; only its
 header is shown), DELE 1 (only with -d), NOOP, RSET (unless -d), QUIT. Every reply is checked:
 multi-line framing and byte-stuffing, and that RETR sends as many octets as LIST announced.
+Stdout carries the transcript only. Stderr gets, at the end, a one-line summary (messages and
+octets retrieved, the time and rate of the RETRs, the session's time), and, when it is a
+terminal, a progress line redrawn during a RETR that runs longer than a quarter second.
 Exit status: 0 when every step succeeded, 1 when one failed (the reason goes to stderr), 2 for
 a bad command line.
 ";

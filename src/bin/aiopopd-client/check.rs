@@ -6,11 +6,13 @@
 //! when QUIT succeeds, so a failed check never deletes mail.
 
 use crate::args::{Auth, Config, Retr, Security};
+use crate::meter::Meter;
 use crate::password::Secret;
 use crate::wire::{printable, Body, Conn, Reply};
 use crate::Failure;
 use std::collections::HashSet;
 use std::io::{Read, Write};
+use std::time::Instant;
 
 /// A CAPA, LIST or UIDL reply longer than this is refused rather than held in memory.
 const MAX_LISTING: usize = 64 * 1024 * 1024;
@@ -24,16 +26,19 @@ pub trait Transport: Read + Write {
     fn start_tls(&mut self) -> Result<(), Failure>;
 }
 
-/// Runs the whole session; Ok when every step succeeded and every reply was well-formed.
+/// Runs the whole session; Ok when every step succeeded and every reply was well-formed. The
+/// transcript goes to `out`; what was retrieved, and progress during RETR, to `meter`.
 pub fn run<T: Transport>(
     transport: &mut T,
     config: &Config,
     password: &Secret,
     out: &mut dyn Write,
+    meter: &mut Meter,
 ) -> Result<(), Failure> {
     let mut session = Session {
         conn: Conn::new(transport),
         out,
+        meter,
     };
     session.run(config, password)
 }
@@ -41,6 +46,7 @@ pub fn run<T: Transport>(
 struct Session<'a, T> {
     conn: Conn<&'a mut T>,
     out: &'a mut dyn Write,
+    meter: &'a mut Meter,
 }
 
 impl<T: Transport> Session<'_, T> {
@@ -263,15 +269,23 @@ impl<T: Transport> Session<'_, T> {
     /// `+OK N octets` that many servers put in the status line).
     fn retr(&mut self, msg: u32, listed: u64) -> Result<(), Failure> {
         let command = format!("RETR {msg}");
-        let reply = self.ok(command.as_bytes(), &command)?;
+        self.meter.retr_started(msg, listed, Instant::now());
+        let reply = self.ok(command.as_bytes(), &command).inspect_err(|_| {
+            self.meter.retr_ended(false, Instant::now());
+        })?;
         let mut header = Header::default();
-        let body: Body = self
-            .conn
-            .multiline(&mut |chunk: &[u8]| {
-                header.push(chunk);
-                Ok(())
-            })
-            .map_err(|e| context(&command, e))?;
+        let meter = &mut *self.meter;
+        let body = self.conn.multiline(&mut |chunk: &[u8]| {
+            header.push(chunk);
+            meter.retr_octets(chunk.len(), Instant::now());
+            Ok(())
+        });
+        // Counted only if it checks out below; the progress line goes either way.
+        let whole = body
+            .as_ref()
+            .is_ok_and(|b: &Body| b.octets == listed || b.octets == listed + 2);
+        self.meter.retr_ended(whole, Instant::now());
+        let body = body.map_err(|e| context(&command, e))?;
         for line in header.bytes.split(|&b| b == b'\n') {
             if !line.is_empty() {
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -520,7 +534,13 @@ mod tests {
             tls: false,
         };
         let mut out = Vec::new();
-        let result = run(&mut canned, &config, &password, &mut out);
+        let result = run(
+            &mut canned,
+            &config,
+            &password,
+            &mut out,
+            &mut Meter::new(None),
+        );
         Outcome {
             result,
             sent: String::from_utf8(canned.sent).unwrap(),

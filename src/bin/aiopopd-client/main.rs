@@ -5,11 +5,13 @@
 //! `main` is the one place that prints a fatal error and picks the exit code: 0 when every step
 //! succeeded, 1 when a step failed or the server broke the protocol, 2 for a bad command line.
 //! The parts: [`args`] (command line → config), [`password`] (where the password comes from),
-//! [`net`] (TCP and TLS), [`wire`] (strict framing) and [`check`] (the session itself).
+//! [`net`] (TCP and TLS), [`wire`] (strict framing), [`check`] (the session itself) and
+//! [`meter`] (the summary and progress on stderr; stdout carries only the transcript).
 #![deny(unsafe_code)]
 
 mod args;
 mod check;
+mod meter;
 mod net;
 mod password;
 mod wire;
@@ -18,6 +20,7 @@ use args::{Action, Config, Trust};
 use std::fmt;
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Instant;
 
 /// Why the check failed, worded for the person running it. Everything that goes wrong after
 /// the command line was accepted ends up as one of these, printed once by `main`.
@@ -73,8 +76,14 @@ fn run(config: &Config) -> Result<(), Failure> {
     }
     // Before connecting, so that a slow typist doesn't run into the server's idle timeout.
     let password = password::obtain(&config.password, &config.user, &config.host)?;
+    let started = Instant::now();
     let mut connection = net::connect(config)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    check::run(&mut connection, config, &password, &mut out)
+    let mut meter = meter::Meter::for_stderr();
+    let result = check::run(&mut connection, config, &password, &mut out, &mut meter);
+    // The transcript first; then, whether or not the check passed, what it retrieved.
+    let _ = out.flush();
+    eprintln!("{}", meter.summary(started.elapsed()));
+    result
 }
