@@ -4,3 +4,4 @@
 pub mod flow;
 pub mod http;
 pub mod store;
+pub mod token;
