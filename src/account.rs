@@ -172,7 +172,7 @@ pub fn check_plaintext(server: &Server, allowed: bool) -> Result<(), String> {
     ))
 }
 
-fn is_loopback(host: &str, port: u16) -> bool {
+pub fn is_loopback(host: &str, port: u16) -> bool {
     use std::net::ToSocketAddrs;
     match (host, port).to_socket_addrs() {
         Ok(addrs) => {

@@ -426,6 +426,106 @@ p.quit()
     }
 }
 
+/// curl, through systemd-socket-activate: RETR a message, then DELE another (`-X DELE -I`):
+/// exactly that one gets `\Seen`.
+fn curl_retr_and_dele(s: &dyn Server) {
+    s.deliver("INBOX", &small(3));
+    let a = Activator::start(true, &args(s));
+    let curl = |extra: &[&str], n: u32| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "-u", "alice:alice-pw"])
+            .args(extra)
+            .arg(format!("pop3://127.0.0.1:{}/{n}", a.port))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {extra:?} {n}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            a.log()
+        );
+        out.stdout
+    };
+    assert_eq!(curl(&[], 1), expected_retr(&s.bodies("INBOX")[0].1));
+    curl(&["-X", "DELE", "-I"], 2);
+    assert_eq!(flag_strings(&s.flags("INBOX")), ["", "\\Seen", ""]);
+}
+
+/// fetchmail over STLS (it insists on TLS, as it should), fetching everything and deleting it
+/// (`fetchall`, no `keep`): every message delivered as the server serves it, and each DELE'd
+/// message marked `\Seen` (the default `--on-dele`).
+fn fetchmail_fetches_and_deletes_over_stls(s: &dyn Server) {
+    s.deliver("INBOX", &corpus()[..5]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let mut a = args(s);
+    a.retain(|x| x != "--allow-plaintext-auth");
+    a.extend([
+        "--stls".into(),
+        "--ssl-generate".into(),
+        "--ssl-cert".into(),
+    ]);
+    a.push(cert.to_str().unwrap().into());
+    a.push("--ssl-key".into());
+    a.push(key.to_str().unwrap().into());
+    // One session creates the certificate (for the greeting's name, pop.test) for fetchmail
+    // to trust.
+    pop3::run(&a, b"QUIT\r\n");
+    let act = Activator::start(true, &a);
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let rc = dir.path().join("fetchmailrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "poll localhost protocol POP3 port {} auth password user \"alice\" password \"alice-pw\" \
+             fetchall sslcertck sslcertfile \"{}\" sslcommonname \"pop.test\" \
+             mda \"/bin/sh -c 'cat > {}/$$'\"\n",
+            act.port,
+            cert.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let run = Command::new("fetchmail")
+        .args(["-f", rc.to_str().unwrap(), "--nosyslog", "--invisible"])
+        .arg("--nodetach")
+        .arg("--idfile")
+        .arg(dir.path().join("ids"))
+        .env("FETCHMAILHOME", dir.path())
+        .output()
+        .expect("fetchmail (Debian package fetchmail)");
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+        act.log()
+    );
+    // fetchmail hands an MDA LF line ends: compare like with like.
+    let lf = |b: &[u8]| String::from_utf8_lossy(b).replace("\r\n", "\n");
+    let mut got: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| lf(&std::fs::read(e.unwrap().path()).unwrap()))
+        .collect();
+    let mut want: Vec<String> = s
+        .bodies("INBOX")
+        .iter()
+        .map(|(_, b)| lf(&expected_retr(b)))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got.len(), 5);
+    assert!(
+        got == want,
+        "fetchmail's copies differ from what IMAP serves"
+    );
+    assert_eq!(flag_strings(&s.flags("INBOX")), ["\\Seen"; 5]);
+}
+
 /// A server that refuses logins in clear but offers STARTTLS: aiopopd upgrades (trusting the
 /// server's certificate) and logs in.
 fn logindisabled_with_starttls_upgrades(s: &dyn Server, ca: &Path) {
@@ -535,6 +635,18 @@ macro_rules! against {
             fn poplib() {
                 if let Some(s) = $start {
                     poplib_through_socket_activation(&s);
+                }
+            }
+            #[test]
+            fn curl() {
+                if let Some(s) = $start {
+                    curl_retr_and_dele(&s);
+                }
+            }
+            #[test]
+            fn fetchmail() {
+                if let Some(s) = $start {
+                    fetchmail_fetches_and_deletes_over_stls(&s);
                 }
             }
         }

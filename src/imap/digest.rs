@@ -14,7 +14,6 @@ use super::client::{Client, Transport};
 use crate::log;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Header octets fetched at first; a header longer than this is fetched on in chunks.
@@ -115,18 +114,8 @@ impl Cache {
 }
 
 fn write_atomically(path: &Path, file: &CacheFile) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("cache"),
-        std::process::id()
-    ));
     let text = serde_json::to_vec(file).map_err(std::io::Error::other)?;
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&text)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::statefile::write_atomically(path, &text, 0o600)
 }
 
 /// The digest of each message (`uids`, in order): from the cache, else from its header,

@@ -1,0 +1,251 @@
+//! `aiopopd --oauth2-authorize USER`: the one-time enrolment. The user opens the printed URL,
+//! grants access, and the provider redirects the browser to a loopback URL this process
+//! listens on (or the user pastes the redirected URL, for a browser on another machine); the
+//! code is exchanged for tokens, which go into the user's store sealed with the POP3 password.
+//! With a `device_authorization_url`, RFC 8628's device flow runs alongside: whichever the user
+//! completes first wins.
+
+use super::flow::{self, Granted, Pkce, Provider};
+use super::store::{KdfParams, Store, Tokens};
+use crate::secret::Secret;
+use std::io::Read as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long the enrolment waits for the user.
+const PATIENCE: Duration = Duration::from_secs(600);
+
+pub struct Enrolment<'a> {
+    pub provider: &'a Provider,
+    pub store: &'a Store,
+    pub ca: Option<&'a Path>,
+    pub timeout: Duration,
+    pub kdf: KdfParams,
+}
+
+/// What ended the wait.
+enum Outcome {
+    Code(String),
+    Granted(Granted),
+    Failed(String),
+}
+
+impl Enrolment<'_> {
+    /// Runs the enrolment; `pasted` yields the lines the user types (a redirected URL), `out`
+    /// is where the instructions go (the authorize URL on a line of its own).
+    pub fn run(
+        &self,
+        password: &Secret,
+        pasted: mpsc::Receiver<String>,
+        out: &mut dyn Write,
+    ) -> Result<(), String> {
+        let p = self.provider;
+        p.check()?;
+        let (listener, redirect_uri) = listen(p.redirect_uri.as_deref())?;
+        let pkce = Pkce::new().map_err(|e| e.to_string())?;
+        let state = flow::random_token(16).map_err(|e| e.to_string())?;
+        let url = flow::authorize_url(p, &redirect_uri, &state, &pkce);
+        let w = |out: &mut dyn Write, s: String| {
+            let _ = writeln!(out, "{s}");
+            let _ = out.flush();
+        };
+        w(out, "Open this URL in a browser and grant access:".into());
+        w(out, String::new());
+        w(out, url);
+        w(out, String::new());
+        w(
+            out,
+            format!(
+                "The browser is sent back to {redirect_uri}, where this command is waiting. \
+                 If the browser runs on another machine, paste the address it ends up on here."
+            ),
+        );
+        let (tx, rx) = mpsc::channel();
+        let device = match &p.device_authorization_url {
+            Some(_) => {
+                let d = flow::device_start(p, self.ca, self.timeout)
+                    .map_err(|e| format!("device authorization: {e}"))?;
+                w(
+                    out,
+                    format!(
+                        "Or, on any device, open {} and enter the code {}",
+                        d.verification_uri, d.user_code
+                    ),
+                );
+                Some(d)
+            }
+            None => None,
+        };
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let done = &done;
+        std::thread::scope(|scope| -> Result<(), String> {
+            {
+                let tx = tx.clone();
+                let state = state.clone();
+                scope.spawn(move || {
+                    if let Some(o) = accept_redirect(&listener, &state, done) {
+                        let _ = tx.send(o);
+                    }
+                });
+            }
+            if let Some(d) = &device {
+                let tx = tx.clone();
+                scope.spawn(move || {
+                    let _ = tx.send(self.poll_device(d, done));
+                });
+            }
+            {
+                let tx = tx.clone();
+                let state = state.clone();
+                scope.spawn(move || loop {
+                    let line = match pasted.recv_timeout(Duration::from_millis(200)) {
+                        Ok(line) => line,
+                        Err(mpsc::RecvTimeoutError::Timeout) if !done.load(Relaxed) => continue,
+                        Err(_) => return,
+                    };
+                    let line = line.trim();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    let o = match flow::code_from_redirect(line, &state) {
+                        Ok(code) => Outcome::Code(code),
+                        Err(e) => Outcome::Failed(e),
+                    };
+                    let _ = tx.send(o);
+                    return;
+                });
+            }
+            drop(tx);
+            let outcome = rx
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|_| Outcome::Failed("no answer within 10 minutes".into()));
+            done.store(true, Relaxed);
+            let granted = match outcome {
+                Outcome::Failed(e) => return Err(e),
+                Outcome::Granted(g) => g,
+                Outcome::Code(code) => flow::exchange_code(
+                    p,
+                    &code,
+                    &redirect_uri,
+                    &pkce.verifier,
+                    self.ca,
+                    self.timeout,
+                )
+                .map_err(|e| format!("exchanging the code at {}: {e}", p.token_url))?,
+            };
+            if granted.refresh_token.is_none() {
+                return Err(format!(
+                    "the provider gave no refresh token: add offline access to the scope \
+                     (Microsoft: offline_access; Google: it is implied for {})",
+                    p.scope
+                ));
+            }
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let tokens = Tokens {
+                refresh_token: granted.refresh_token.clone(),
+                access_token: Some(granted.access_token.clone()),
+                expires_at: Some(now + granted.expires_in.unwrap_or(3600)),
+            };
+            self.store
+                .create(password, self.kdf, &tokens)
+                .map_err(|e| format!("writing {}: {e}", self.store.path.display()))?;
+            w(
+                out,
+                format!("Enrolled: the tokens are in {}.", self.store.path.display()),
+            );
+            Ok(())
+        })
+    }
+
+    fn poll_device(&self, d: &flow::Device, done: &std::sync::atomic::AtomicBool) -> Outcome {
+        let until = Instant::now() + Duration::from_secs(d.expires_in).min(PATIENCE);
+        let interval = Duration::from_secs(d.interval.unwrap_or(5).max(1));
+        while Instant::now() < until && !done.load(Relaxed) {
+            std::thread::sleep(interval);
+            match flow::device_poll(self.provider, &d.device_code, self.ca, self.timeout) {
+                Ok(Some(g)) => return Outcome::Granted(g),
+                Ok(None) => {}
+                Err(e) => return Outcome::Failed(format!("device flow: {e}")),
+            }
+        }
+        Outcome::Failed("the device code expired".into())
+    }
+}
+
+/// Binds the loopback redirect URI (or 127.0.0.1 on a free port when none is configured: a
+/// loopback redirect with any port is what Google and Microsoft accept for such clients).
+fn listen(configured: Option<&str>) -> Result<(TcpListener, String), String> {
+    match configured {
+        Some(uri) => {
+            let u = super::http::Url::parse(uri)?;
+            let l = TcpListener::bind((u.host.as_str(), u.port))
+                .map_err(|e| format!("listening on {uri} (redirect_uri): {e}"))?;
+            Ok((l, uri.to_string()))
+        }
+        None => {
+            let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            let port = l.local_addr().map_err(|e| e.to_string())?.port();
+            Ok((l, format!("http://127.0.0.1:{port}/")))
+        }
+    }
+}
+
+/// Serves the browser's redirect: answers each request with a short page, until one carries
+/// this enrolment's state (and a code or an error), or `done`.
+fn accept_redirect(
+    l: &TcpListener,
+    state: &str,
+    done: &std::sync::atomic::AtomicBool,
+) -> Option<Outcome> {
+    l.set_nonblocking(true).ok()?;
+    while !done.load(Relaxed) {
+        let s = match l.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(_) => return None,
+        };
+        if let Some(o) = one_request(s, state) {
+            return Some(o);
+        }
+    }
+    None
+}
+
+fn one_request(s: TcpStream, state: &str) -> Option<Outcome> {
+    s.set_nonblocking(false).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut r = BufReader::new(s.try_clone().ok()?);
+    let mut line = String::new();
+    r.by_ref().take(8192).read_line(&mut line).ok()?;
+    let target = line.split(' ').nth(1).unwrap_or_default().to_string();
+    let outcome = if target.contains("state=") {
+        Some(match flow::code_from_redirect(&target, state) {
+            Ok(code) => Outcome::Code(code),
+            Err(e) => Outcome::Failed(e),
+        })
+    } else {
+        None // A favicon, a probe: not the redirect.
+    };
+    let text = match &outcome {
+        Some(Outcome::Code(_)) => "aiopopd has the authorization; you can close this window.",
+        Some(_) => "aiopopd: the authorization failed; see the terminal.",
+        None => "aiopopd is waiting for the authorization redirect.",
+    };
+    let mut s = s;
+    let _ = write!(
+        s,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{text}",
+        text.len()
+    );
+    outcome
+}
