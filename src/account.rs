@@ -32,6 +32,8 @@ pub struct Account {
     /// The IMAP user name (the POP3 one unless a `--user-dir` file says otherwise).
     pub username: String,
     pub mailbox: String,
+    /// Log in with OAuth tokens aiopopd keeps (the file's `"oauth2"` section), not the password.
+    pub oauth2: Option<crate::oauth::flow::Provider>,
 }
 
 /// Where logins go: one fixed server (`-H`), or one per user from `--user-dir`.
@@ -65,6 +67,7 @@ struct UserFile {
     starttls: bool,
     username: Option<String>,
     mailbox: Option<String>,
+    oauth2: Option<crate::oauth::flow::Provider>,
 }
 
 fn yes() -> bool {
@@ -84,6 +87,7 @@ impl Accounts {
                 server: server.clone(),
                 username: user.to_string(),
                 mailbox: self.mailbox.clone(),
+                oauth2: None,
             }),
             Source::UserDir(dir) => self.read_user_file(dir, user),
         }
@@ -141,10 +145,14 @@ impl Accounts {
             security,
         };
         check_plaintext(&server, self.plaintext_allowed).map_err(|e| bad(&e))?;
+        if let Some(p) = &file.oauth2 {
+            p.check().map_err(|e| bad(&format!("\"oauth2\": {e}")))?;
+        }
         Ok(Account {
             server,
             username: file.username.unwrap_or_else(|| user.to_string()),
             mailbox,
+            oauth2: file.oauth2,
         })
     }
 }

@@ -20,13 +20,12 @@ use crate::tls;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use std::cell::RefCell;
-use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use zeroize::Zeroizing;
 
 /// An IMAP server greets at once; a TLS port says nothing until the client's hello. Silence
 /// this long after connecting means a TLS port.
@@ -921,57 +920,15 @@ fn log_in(
 
 /// The password for `-u`: from the terminal without echo, else the first line of stdin.
 fn read_password(user: &str, account: &Account) -> Result<Secret, String> {
-    let stdin = io::stdin();
-    let mut line = Zeroizing::new(String::new());
-    let read = if stdin.is_terminal() {
-        eprint!(
-            "IMAP password for {user} (IMAP user {} at {}): ",
-            account.username, account.server.host
-        );
-        let _ = io::stderr().flush();
-        let saved = echo_off();
-        let read = stdin.lock().read_line(&mut line);
-        if let Some(saved) = saved {
-            restore_echo(&saved);
-        }
-        read
-    } else {
-        stdin.lock().read_line(&mut line)
-    };
-    match read {
-        Ok(0) => return Err(format!("-u {user}: no password (stdin is empty)")),
-        Ok(_) => {}
-        Err(e) => return Err(format!("-u {user}: reading the password: {e}")),
+    let prompt = format!(
+        "IMAP password for {user} (IMAP user {} at {}): ",
+        account.username, account.server.host
+    );
+    match crate::terminal::read_secret(&prompt) {
+        Ok(Some(pw)) => Ok(pw),
+        Ok(None) => Err(format!("-u {user}: no password (stdin is empty)")),
+        Err(e) => Err(format!("-u {user}: reading the password: {e}")),
     }
-    let pw = line.trim_end_matches(['\r', '\n']);
-    Ok(Secret::new(pw.as_bytes().to_vec()))
-}
-
-/// Switches echo off on the terminal on stdin (newlines still echo); the old settings.
-#[allow(unsafe_code)]
-fn echo_off() -> Option<libc::termios> {
-    let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
-    // SAFETY: tcgetattr writes a whole termios into the pointer it is given on success, and
-    // only then is it read.
-    if unsafe { libc::tcgetattr(libc::STDIN_FILENO, t.as_mut_ptr()) } != 0 {
-        return None;
-    }
-    // SAFETY: initialised by the successful tcgetattr above.
-    let saved = unsafe { t.assume_init() };
-    let mut quiet = saved;
-    quiet.c_lflag &= !libc::ECHO;
-    quiet.c_lflag |= libc::ECHONL;
-    // SAFETY: a valid termios for the terminal on fd 0.
-    if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSAFLUSH, &quiet) } != 0 {
-        return None;
-    }
-    Some(saved)
-}
-
-#[allow(unsafe_code)]
-fn restore_echo(saved: &libc::termios) {
-    // SAFETY: the termios tcgetattr returned for the same terminal.
-    unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSAFLUSH, saved) };
 }
 
 /// Server bytes made safe to print: one line, printable ASCII, at most 100 characters.

@@ -24,7 +24,8 @@ IMAP server:
       --imap-plaintext       allow clear-text IMAP to a host that isn't loopback
       --mailbox NAME         mailbox served as the maildrop (default INBOX)
       --user-dir DIR         one JSON file per POP3 user name (alias --path):
-                             {\"hostname\", \"port\", \"ssl\", \"username\"?, \"mailbox\"?}
+                             {\"hostname\", \"port\", \"ssl\", \"username\"?, \"mailbox\"?,
+                             \"oauth2\"?: the provider; see --oauth2-authorize}
       --imap-timeout SECS    bound on connecting and on each IMAP command (default 60)
 POP3 side:
       --ssl-cert FILE        TLS certificate chain (PEM); with --ssl-key turns TLS on:
@@ -40,8 +41,8 @@ POP3 side:
       --uidl-format FMT      default %08Xu%08Xv (Dovecot's): %u UID, %v UIDVALIDITY,
                              %g the server's message id (survives a UIDVALIDITY change),
                              %m a digest of the header (survives a move of server too)
-      --state-dir DIR        where %m's digests are kept (default $STATE_DIRECTORY,
-                             else /var/lib/aiopopd)
+      --state-dir DIR        where %m's digests and OAuth token stores are kept
+                             (default $STATE_DIRECTORY, else /var/lib/aiopopd)
       --max-messages N       list at most N messages (oldest first)
       --timeout SECS         idle timeout towards the client (default 600)
       --auth-failure-delay SECS  wait before answering a refused login (default 2; 0: none)
@@ -54,6 +55,11 @@ Checking the set-up (a report on stdout; exit status 0 only if everything is fin
                              load --ssl-cert/--ssl-key, read every --user-dir file
   -u, --user USER            with --check: also log in as USER (the password from the
                              terminal, else the first line of stdin) and open the mailbox
+OAuth (a --user-dir user whose file has an \"oauth2\" section):
+      --oauth2-authorize USER  enrol USER once: asks for the POP3 password that will
+                             unlock the tokens (the first line of stdin if not a
+                             terminal), prints the provider's URL, waits for the grant
+                             and writes the token store under --state-dir
 Logging:
   -l, --systemd-logging      log to stderr with <N> prefixes (when stderr isn't the client)
   -v, --verbose              debug logs (never passwords)
@@ -90,6 +96,11 @@ pub struct Config {
 #[derive(Debug)]
 pub enum Action {
     Serve(Box<Config>),
+    /// `--oauth2-authorize USER`: the one-time OAuth enrolment of a `--user-dir` user.
+    Authorize {
+        config: Box<Config>,
+        user: String,
+    },
     /// `--check`: test the set-up and report (src/check.rs); with `-u`, a login as this user.
     Check {
         config: Box<Config>,
@@ -111,6 +122,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
     if let Some(msg) = listener_options(&typed) {
         return Err(msg);
     }
+    let authorize: Option<String> = a.opt_value_from_str("--oauth2-authorize").map_err(arg)?;
     let check = a.contains("--check");
     let check_user: Option<String> = a.opt_value_from_str(["-u", "--user"]).map_err(arg)?;
     if check_user.is_some() && !check {
@@ -336,6 +348,14 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         log_target,
         verbose,
     });
+    if let Some(user) = authorize {
+        if !matches!(config.imap.accounts.source, Source::UserDir(_)) {
+            return Err(
+                "--oauth2-authorize needs --user-dir: the provider is in the user's file".into(),
+            );
+        }
+        return Ok(Action::Authorize { config, user });
+    }
     Ok(match check {
         true => Action::Check {
             config,

@@ -21,5 +21,6 @@ pub mod sasl;
 pub mod secret;
 pub mod session;
 pub mod statefile;
+pub mod terminal;
 pub mod tls;
 pub mod uidl;

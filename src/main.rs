@@ -30,6 +30,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Action::Serve(config)) => run(*config),
+        Ok(Action::Authorize { config, user }) => {
+            // A person runs the enrolment: stderr is theirs.
+            drop(std::panic::take_hook());
+            aiopopd::oauth::enrol::command(&config, &user)
+        }
         Ok(Action::Check { config, user }) => {
             // A person (or a script) runs --check: no client, and stderr is theirs.
             drop(std::panic::take_hook());

@@ -7,9 +7,12 @@
 use super::client::{Client, Entry, Failure, MailboxEntry};
 use super::transport::{self, Stream, Timed};
 use super::{digest, proto, OnDele, Settings};
-use crate::account::{Security, Server, Source};
+use crate::account::{Account, Security, Server, Source};
 use crate::log;
 use crate::maildrop::{Backend, Error, Maildrop, Message, SaslClient};
+use crate::oauth::flow::Provider;
+use crate::oauth::store::Store;
+use crate::oauth::token;
 use crate::secret::Secret;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -328,6 +331,88 @@ fn resolve(c: &mut Conn, name: &str) -> Result<String, Error> {
     )))
 }
 
+impl ImapBackend {
+    /// A user with an `"oauth2"` section: the POP3 password opens the token store (a wrong one
+    /// asks the provider nothing), the access token logs in with XOAUTH2 or OAUTHBEARER, and a
+    /// token IMAP refuses is refreshed once and tried again.
+    fn oauth_login(
+        &self,
+        user: &str,
+        account: &Account,
+        provider: &Provider,
+        password: &Secret,
+    ) -> Result<Conn, Error> {
+        let s = &self.settings;
+        let state_dir = s.state_dir.as_deref().ok_or_else(|| {
+            Error::Perm("an \"oauth2\" user needs --state-dir for its token store".into())
+        })?;
+        let source = token::Source {
+            provider,
+            store: Store::new(state_dir, user),
+            ca: s.ca.as_deref(),
+            timeout: s.timeout,
+        };
+        let mut opened = source.open(password).map_err(token_error)?;
+        let mut client = self.conn(&account.server)?;
+        let mech = provider.mechanism.as_str();
+        let caps = client
+            .capabilities()
+            .map_err(|f| to_error(Step::Other("CAPABILITY"), f))?;
+        if !caps
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(&format!("AUTH={mech}")))
+        {
+            return Err(Error::Perm(format!(
+                "the IMAP server at {}:{} doesn't advertise AUTH={mech}, which the user's \
+                 \"oauth2\" section asks for",
+                account.server.host, account.server.port
+            )));
+        }
+        // A refused token comes with an error challenge (RFC 7628 3.2.2), answered with an
+        // empty response (XOAUTH2) or ^A (OAUTHBEARER); then the NO.
+        let ack: &[u8] = if mech == "OAUTHBEARER" { b"\x01" } else { b"" };
+        for retry in [false, true] {
+            let initial = token::initial_response(
+                mech,
+                &account.username,
+                &opened.access_token,
+                &account.server.host,
+                account.server.port,
+            );
+            let refused =
+                match client.authenticate(mech, Some(initial), &mut |_| Some(ack.to_vec())) {
+                    Ok(_) => return Ok(client),
+                    Err(f) => match dropped(Step::Login, f) {
+                        Error::Auth(detail) => detail,
+                        e => return Err(e),
+                    },
+                };
+            if retry {
+                // Not the user's password: the grant or the configuration.
+                return Err(Error::Perm(format!(
+                    "the IMAP server refused a token just refreshed ({refused}): check the \
+                     scope and \"username\" in the user's file"
+                )));
+            }
+            log::info(&format!(
+                "the IMAP server refused the access token ({refused}); refreshing it"
+            ));
+            opened.refresh_after_rejection().map_err(token_error)?;
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+}
+
+fn token_error(f: token::Failure) -> Error {
+    match f {
+        token::Failure::Password => {
+            Error::Auth("the password doesn't open the OAuth token store".into())
+        }
+        token::Failure::Perm(why) => Error::Perm(why),
+        token::Failure::Temp(why) => Error::Temp(why),
+    }
+}
+
 /// RFC 2971 ID, when the server offers it: some refuse SELECT until a client has said who it
 /// is (163.com: `Unsafe Login`). Sent ahead of the next command, so it costs no round trip.
 fn identify(client: &mut Conn) {
@@ -358,10 +443,16 @@ impl Backend for ImapBackend {
             // The session refuses these first; this is the second lock on the door.
             return Err(Error::Auth("credentials contain CR, LF or NUL".into()));
         }
-        let mut client = self.conn(&account.server)?;
-        client
-            .login(&account.username, password)
-            .map_err(|f| dropped(Step::Login, f))?;
+        let client = match &account.oauth2 {
+            Some(provider) => self.oauth_login(user, &account, provider, password)?,
+            None => {
+                let mut client = self.conn(&account.server)?;
+                client
+                    .login(&account.username, password)
+                    .map_err(|f| dropped(Step::Login, f))?;
+                client
+            }
+        };
         let key = format!(
             "{}\0{}:{}\0{}",
             account.username, account.server.host, account.server.port, account.mailbox

@@ -165,12 +165,20 @@ impl Enrolment<'_> {
 
     fn poll_device(&self, d: &flow::Device, done: &std::sync::atomic::AtomicBool) -> Outcome {
         let until = Instant::now() + Duration::from_secs(d.expires_in).min(PATIENCE);
-        let interval = Duration::from_secs(d.interval.unwrap_or(5).max(1));
+        let mut interval = Duration::from_secs(d.interval.unwrap_or(5).max(1));
         while Instant::now() < until && !done.load(Relaxed) {
-            std::thread::sleep(interval);
+            // Sleeps in short steps so that another way finishing ends this one soon.
+            let wake = Instant::now() + interval;
+            while Instant::now() < wake && !done.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if done.load(Relaxed) {
+                break;
+            }
             match flow::device_poll(self.provider, &d.device_code, self.ca, self.timeout) {
-                Ok(Some(g)) => return Outcome::Granted(g),
-                Ok(None) => {}
+                Ok(flow::Poll::Granted(g)) => return Outcome::Granted(g),
+                Ok(flow::Poll::Pending) => {}
+                Ok(flow::Poll::SlowDown) => interval += Duration::from_secs(5),
                 Err(e) => return Outcome::Failed(format!("device flow: {e}")),
             }
         }
@@ -248,4 +256,86 @@ fn one_request(s: TcpStream, state: &str) -> Option<Outcome> {
         text.len()
     );
     outcome
+}
+
+/// `aiopopd --oauth2-authorize USER`: the enrolment as a command; 0 once the store is written.
+pub fn command(config: &crate::config::Config, user: &str) -> std::process::ExitCode {
+    match enrol_user(config, user) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aiopopd --oauth2-authorize {user}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn enrol_user(config: &crate::config::Config, user: &str) -> Result<(), String> {
+    use crate::maildrop::Error;
+    use std::io::IsTerminal;
+    let account = config.imap.accounts.lookup(user).map_err(|e| match e {
+        Error::Auth(_) => format!("no usable user file for {user} in --user-dir"),
+        e => e.to_string(),
+    })?;
+    let provider = account
+        .oauth2
+        .ok_or("the user's file has no \"oauth2\" section")?;
+    let state_dir = config.imap.state_dir.as_deref().ok_or("no --state-dir")?;
+    let read = |prompt: &str| -> Result<Secret, String> {
+        crate::terminal::read_secret(prompt)
+            .map_err(|e| format!("reading the password: {e}"))?
+            .ok_or_else(|| "no password (stdin is empty)".to_string())
+    };
+    let password = read(&format!(
+        "POP3 password for {user} (the one its POP3 client will send; it unlocks the tokens): "
+    ))?;
+    if std::io::stdin().is_terminal() {
+        let again = read("The same password again: ")?;
+        if again.expose() != password.expose() {
+            return Err("the two passwords differ".into());
+        }
+    }
+    if password.expose().is_empty() {
+        return Err("an empty password".into());
+    }
+    // Lines typed (or piped) after the password: a redirected URL pasted by the user.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(l) = line else { return };
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let store = Store::new(state_dir, user);
+    Enrolment {
+        provider: &provider,
+        store: &store,
+        ca: config.imap.ca.as_deref(),
+        timeout: config.imap.timeout,
+        kdf: KdfParams::default(),
+    }
+    .run(&password, rx, &mut std::io::stdout())?;
+    give_to_state_dir_owner(state_dir, &store.path)
+}
+
+/// The sessions run as the service's user, which must read and rewrite the store: run as root,
+/// the enrolment hands the store (and its directory) to whoever owns `--state-dir` (systemd's
+/// `StateDirectory=` makes that the service's user; for xinetd, the administrator does).
+fn give_to_state_dir_owner(state_dir: &Path, store: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let owner =
+        std::fs::metadata(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    // The store was just created: its owner is who we run as. Only root can give it away.
+    let mine = std::fs::metadata(store)
+        .map_err(|e| format!("{}: {e}", store.display()))?
+        .uid();
+    if mine != 0 || owner.uid() == 0 {
+        return Ok(());
+    }
+    for path in [store.parent().unwrap_or(state_dir), store] {
+        std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))
+            .map_err(|e| format!("handing {} to uid {}: {e}", path.display(), owner.uid()))?;
+    }
+    Ok(())
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 
-/// The `"oauth2"` section of a per-user file.
-#[derive(Debug, Clone, Deserialize)]
+/// The `"oauth2"` section of a per-user file. `Debug` hides the client secret.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Provider {
     pub authorize_url: String,
@@ -24,6 +24,16 @@ pub struct Provider {
     pub mechanism: String,
     /// RFC 8628's endpoint, where the provider has one (Microsoft does).
     pub device_authorization_url: Option<String>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("mechanism", &self.mechanism)
+            .finish_non_exhaustive()
+    }
 }
 
 fn xoauth2() -> String {
@@ -237,14 +247,22 @@ pub fn device_start(p: &Provider, ca: Option<&Path>, timeout: Duration) -> Resul
         .map_err(|e| Error::Provider(format!("device authorization answer: {e}")))
 }
 
-/// One poll of the token endpoint for a device code: `Ok(None)` while the user hasn't
-/// approved yet (`authorization_pending`, `slow_down`).
+/// What one poll of the token endpoint for a device code says.
+pub enum Poll {
+    Granted(Granted),
+    /// The user hasn't approved yet.
+    Pending,
+    /// Poll less often (5 s more between polls).
+    SlowDown,
+}
+
+/// One poll of the token endpoint for a device code.
 pub fn device_poll(
     p: &Provider,
     device_code: &str,
     ca: Option<&Path>,
     timeout: Duration,
-) -> Result<Option<Granted>, Error> {
+) -> Result<Poll, Error> {
     match token_request(
         p,
         &[
@@ -254,12 +272,10 @@ pub fn device_poll(
         ca,
         timeout,
     ) {
-        Err(Error::Provider(e))
-            if e.starts_with("authorization_pending") || e.starts_with("slow_down") =>
-        {
-            Ok(None)
-        }
-        other => other.map(Some),
+        Err(Error::Provider(e)) if e.starts_with("authorization_pending") => Ok(Poll::Pending),
+        // RFC 8628 3.5: poll 5 s less often from now on.
+        Err(Error::Provider(e)) if e.starts_with("slow_down") => Ok(Poll::SlowDown),
+        other => other.map(Poll::Granted),
     }
 }
 

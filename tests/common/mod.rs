@@ -5,5 +5,6 @@ pub mod debroot;
 pub mod dovecot;
 pub mod fakeimap;
 pub mod imapref;
+pub mod oauthserver;
 pub mod pop3;
 pub mod realsystemd;
