@@ -1453,7 +1453,7 @@ fn nothing_aiopopd_logs_reaches_the_client_under_xinetd() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The operator's checks from the README ("Deploying aiopopd", step 4)
+// The operator's checks from the README ("Deploying aiopopd", step 5)
 
 /// `openssl s_client ... -crlf -quiet` (with the test CA and verification made strict) typing
 /// CAPA and QUIT; returns what the server said.
