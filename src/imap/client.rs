@@ -374,7 +374,14 @@ impl<S: Transport> Client<S> {
     /// The greeting: `Ok(true)` for PREAUTH.
     pub fn greeting(&mut self) -> Result<bool, Failure> {
         let deadline = Instant::now() + self.timeout;
-        let r = self.response(deadline, Room::None);
+        let r = match self.response(deadline, Room::None) {
+            // A TLS port waits for the client's hello and never greets in clear.
+            Err(Failure::Timeout(why)) => Err(Failure::Timeout(format!(
+                "{why}, not even a greeting: if this port expects TLS from the first byte \
+                 (IMAPS, 993), add -s (or \"ssl\": true in a --user-dir file)"
+            ))),
+            r => r,
+        };
         let r = self.check(r)?;
         if let Response::Status { code, .. } = &r {
             self.note_caps(code);
