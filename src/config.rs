@@ -45,6 +45,8 @@ POP3 side:
                              (default $STATE_DIRECTORY, else /var/lib/aiopopd)
       --max-messages N       list at most N messages (oldest first)
       --timeout SECS         idle timeout towards the client (default 600)
+      --handshake-timeout SECS  the TLS handshake must end within this (default 30)
+      --login-timeout SECS   log in within this of connecting, or be cut (default 180)
       --auth-failure-delay SECS  wait before answering a refused login (default 2; 0: none)
       --proxy-protocol-from CIDR,...  connections from these networks (a load balancer)
                              must start with a PROXY header (v1 or v2); its source is
@@ -85,6 +87,10 @@ pub struct Config {
     pub hostname: String,
     pub uidl_format: UidlFormat,
     pub timeout: Duration,
+    /// `--handshake-timeout`: the whole TLS handshake (implicit or after STLS).
+    pub handshake_timeout: Duration,
+    /// `--login-timeout`: from connect to a successful login, whatever the client sends.
+    pub login_timeout: Duration,
     pub auth_failure_delay: Duration,
     /// `--proxy-protocol-from`: peers that must send a PROXY header first (empty: none).
     pub proxy_protocol_from: Vec<crate::proxy::Cidr>,
@@ -221,6 +227,16 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         600,
         "--timeout",
     )?;
+    let handshake_timeout = seconds(
+        a.opt_value_from_str("--handshake-timeout").map_err(arg)?,
+        30,
+        "--handshake-timeout",
+    )?;
+    let login_timeout = seconds(
+        a.opt_value_from_str("--login-timeout").map_err(arg)?,
+        180,
+        "--login-timeout",
+    )?;
     let auth_failure_delay = Duration::from_secs(
         a.opt_value_from_str("--auth-failure-delay")
             .map_err(arg)?
@@ -343,6 +359,8 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
         hostname,
         uidl_format,
         timeout,
+        handshake_timeout,
+        login_timeout,
         auth_failure_delay,
         proxy_protocol_from,
         log_target,
@@ -647,6 +665,8 @@ mod tests {
         assert_eq!(c.imap.accounts.mailbox, "INBOX");
         assert_eq!(c.imap.on_dele, OnDele::Seen);
         assert_eq!(c.timeout, Duration::from_secs(600));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(30));
+        assert_eq!(c.login_timeout, Duration::from_secs(180));
         let tls = p(&["-H", "imap.example.com", "-s"])
             .unwrap()
             .imap
@@ -706,6 +726,8 @@ mod tests {
         assert!(p(&["-H", "h", "extra"]).is_err());
         assert!(p(&[]).is_err());
         assert!(p(&["-H", "h", "--timeout", "0"]).is_err());
+        assert!(p(&["-H", "h", "--login-timeout", "0"]).is_err());
+        assert!(p(&["-H", "h", "--handshake-timeout", "0"]).is_err());
         assert!(p(&["-H", "h", "--user-dir", "/x"]).is_err());
         assert_eq!(
             p(&["--path", "/x"]).unwrap().imap.accounts.source,

@@ -27,11 +27,19 @@ pub struct RawConn {
     timeout: Duration,
     /// An overall deadline that caps the per-operation one (the TLS handshake).
     deadline_cap: Option<Instant>,
+    /// `--handshake-timeout`: the whole TLS handshake, implicit or after STLS.
+    handshake_timeout: Duration,
+    /// `--login-timeout`: until the session says the client has logged in, no read or write
+    /// waits past this, however often the client sends something.
+    login_deadline: Option<Instant>,
     /// O_NONBLOCK is shared with whoever else holds the same open file (a terminal, the
     /// inetd socket): restore what we found.
     saved_flags: Vec<(File, libc::c_int)>,
     /// The client's address as a trusted balancer's PROXY header gave it.
     proxied_client: Option<IpAddr>,
+    /// A trusted balancer's header named no client (v2 LOCAL, v1 UNKNOWN) or the balancer's own
+    /// connection (HAProxy's v1 checks): a health check.
+    health_check: bool,
 }
 
 impl RawConn {
@@ -59,8 +67,11 @@ impl RawConn {
             write,
             timeout,
             deadline_cap: None,
+            handshake_timeout: timeout,
+            login_deadline: None,
             saved_flags,
             proxied_client: None,
+            health_check: false,
         };
         if conn.is_socket() {
             // Without it a lock-step client waits ~40 ms for each reply (Nagle + delayed ACK).
@@ -95,6 +106,12 @@ impl RawConn {
         }
     }
 
+    /// True if a trusted balancer's header named no client, or named its own connection as the
+    /// client (HAProxy's v1 checks): its health check.
+    pub fn is_health_check(&self) -> bool {
+        self.health_check
+    }
+
     /// The address of the other end of the socket we read from (fd 0, or fd 3), if it is an IP one.
     pub fn peer_ip(&self) -> Option<IpAddr> {
         let addr = socket2::SockRef::from(&self.read).peer_addr().ok()?;
@@ -112,6 +129,14 @@ impl RawConn {
         if trusted.is_empty() {
             return Some(self);
         }
+        if let Err(e) = socket2::SockRef::from(&self.read).peer_addr() {
+            if e.raw_os_error() == Some(libc::ENOTCONN) {
+                // Gone before we looked (a balancer's connect-only health check, reset at once):
+                // nothing to serve, and not worth a line each time.
+                log::debug("connection closed before it was served");
+                return None;
+            }
+        }
         let Some(balancer) = self.peer_ip().filter(|ip| proxy::is_trusted(trusted, *ip)) else {
             return Some(self);
         };
@@ -123,6 +148,15 @@ impl RawConn {
                     "PROXY header from {balancer}: client {}",
                     source.ip().to_canonical()
                 ));
+                // HAProxy's v1 health checks name the check connection itself as the client.
+                let own = socket2::SockRef::from(&self.read)
+                    .peer_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket());
+                self.health_check = own.is_some_and(|own| {
+                    own.port() == source.port()
+                        && own.ip().to_canonical() == source.ip().to_canonical()
+                });
                 self.proxied_client = Some(source.ip());
                 Some(self)
             }
@@ -130,6 +164,7 @@ impl RawConn {
                 log::debug(&format!(
                     "PROXY header from {balancer} names no client (LOCAL or UNKNOWN: a health check)"
                 ));
+                self.health_check = true;
                 Some(self)
             }
             // A plain TCP health check: connect, close. Not worth a line each time.
@@ -178,6 +213,23 @@ impl RawConn {
         }
     }
 
+    /// The pre-login limits: the TLS handshake within `handshake`, and login by
+    /// `login_deadline` (counted from connect, so the PROXY header's time is in it).
+    pub fn set_prelogin_limits(&mut self, handshake: Duration, login_deadline: Instant) {
+        self.handshake_timeout = handshake;
+        self.login_deadline = Some(login_deadline);
+    }
+
+    /// The client has logged in: from now on only the idle timeout applies.
+    fn end_login_deadline(&mut self) {
+        self.login_deadline = None;
+    }
+
+    /// True once the login deadline has passed (the client is still not logged in).
+    fn login_deadline_passed(&self) -> bool {
+        self.login_deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
     /// The fd the client is on, to tell whether stderr is the same.
     pub fn client_fd(&self) -> BorrowedFd<'_> {
         self.write.as_fd()
@@ -185,7 +237,8 @@ impl RawConn {
 
     fn deadline(&self) -> Instant {
         let d = Instant::now() + self.timeout;
-        self.deadline_cap.map_or(d, |cap| cap.min(d))
+        let d = self.deadline_cap.map_or(d, |cap| cap.min(d));
+        self.login_deadline.map_or(d, |login| login.min(d))
     }
 }
 
@@ -277,6 +330,12 @@ pub trait Transport: Read + Write {
         Ok(())
     }
     fn start_tls(&mut self) -> io::Result<()>;
+    /// The client has logged in: the login deadline no longer applies.
+    fn end_login_deadline(&mut self) {}
+    /// True if the login deadline has passed.
+    fn login_deadline_passed(&self) -> bool {
+        false
+    }
 }
 
 /// The client connection, plain or TLS.
@@ -320,19 +379,45 @@ impl Stream {
     }
 }
 
-/// The whole handshake, bounded by one deadline: the client's idle timeout.
+/// The whole handshake, bounded by one deadline: `--handshake-timeout` (and the login
+/// deadline, if that comes first), however the client trickles its bytes in. A timeout is
+/// `TimedOut` with words saying which limit it was, for the log; the client gets no reply (it
+/// would not be TLS), the connection is just closed.
 fn handshake(
     mut raw: RawConn,
     config: Arc<rustls::ServerConfig>,
 ) -> io::Result<Box<rustls::StreamOwned<rustls::ServerConnection, RawConn>>> {
     let mut conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
-    raw.deadline_cap = Some(Instant::now() + raw.timeout);
+    raw.deadline_cap = Some(Instant::now() + raw.handshake_timeout);
     while conn.is_handshaking() {
         // complete_io sends the alert itself when the handshake fails.
-        conn.complete_io(&mut raw)?;
+        if let Err(e) = conn.complete_io(&mut raw) {
+            if e.kind() != io::ErrorKind::TimedOut {
+                return Err(e);
+            }
+            let which = if raw.login_deadline_passed() {
+                "not logged in within --login-timeout".to_string()
+            } else {
+                format!(
+                    "not finished within {} s (--handshake-timeout)",
+                    raw.handshake_timeout.as_secs_f64()
+                )
+            };
+            return Err(io::Error::new(io::ErrorKind::TimedOut, which));
+        }
     }
     raw.deadline_cap = None;
     Ok(Box::new(rustls::StreamOwned::new(conn, raw)))
+}
+
+impl Stream {
+    fn raw(&self) -> Option<&RawConn> {
+        match &self.inner {
+            Inner::Plain(raw) => Some(raw),
+            Inner::Tls(tls) => Some(&tls.sock),
+            Inner::Closed => None,
+        }
+    }
 }
 
 impl Transport for Stream {
@@ -349,6 +434,18 @@ impl Transport for Stream {
             Some(deferred) => deferred.load().map(drop),
             None => Err("STLS is not configured".into()),
         }
+    }
+
+    fn end_login_deadline(&mut self) {
+        match &mut self.inner {
+            Inner::Plain(raw) => raw.end_login_deadline(),
+            Inner::Tls(tls) => tls.sock.end_login_deadline(),
+            Inner::Closed => {}
+        }
+    }
+
+    fn login_deadline_passed(&self) -> bool {
+        self.raw().is_some_and(RawConn::login_deadline_passed)
     }
 
     fn start_tls(&mut self) -> io::Result<()> {
@@ -503,6 +600,14 @@ impl<S: Transport> Peer for Conn<S> {
 
     fn has_pending_input(&self) -> bool {
         self.start < self.end
+    }
+
+    fn end_login_deadline(&mut self) {
+        self.stream.end_login_deadline()
+    }
+
+    fn login_deadline_passed(&self) -> bool {
+        self.stream.login_deadline_passed()
     }
 
     fn start_tls(&mut self) -> io::Result<()> {
@@ -709,6 +814,79 @@ mod tests {
             drop(peer);
             assert_eq!(raw.read_proxy_header().unwrap_err().to_string(), reason);
         }
+    }
+
+    /// A client that sends a command every 100 ms, from another thread, until we hang up.
+    fn chatty(mut peer: std::os::unix::net::UnixStream) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            while peer.write_all(b"NOOP\r\n").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    }
+
+    #[test]
+    fn the_login_deadline_holds_across_commands_however_busy_the_client() {
+        let (mut raw, peer) = socket_pair(Duration::from_secs(5));
+        let started = Instant::now();
+        raw.set_prelogin_limits(Duration::from_secs(5), started + Duration::from_millis(500));
+        let client = chatty(peer);
+        let mut c = Conn::new(Stream::plain(raw, None));
+        let mut commands = 0;
+        let e = loop {
+            match c.read_line() {
+                Ok(Line::Command(_)) => commands += 1,
+                Ok(_) => panic!("not a command"),
+                Err(e) => break e,
+            }
+        };
+        let took = started.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(c.login_deadline_passed());
+        assert!(commands >= 3, "{commands}");
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        drop(c);
+        client.join().unwrap();
+    }
+
+    #[test]
+    fn after_login_only_the_idle_timeout_applies() {
+        let (mut raw, peer) = socket_pair(Duration::from_millis(300));
+        let started = Instant::now();
+        raw.set_prelogin_limits(Duration::from_secs(5), started + Duration::from_millis(200));
+        let client = chatty(peer);
+        let mut c = Conn::new(Stream::plain(raw, None));
+        c.end_login_deadline();
+        while started.elapsed() < Duration::from_millis(800) {
+            assert!(matches!(c.read_line().unwrap(), Line::Command(_)));
+        }
+        assert!(!c.login_deadline_passed());
+        drop(c);
+        client.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_tls_client_is_cut_at_the_handshake_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tls::server_config(&tls::Files {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            generate_for: Some("localhost".into()),
+        })
+        .unwrap();
+        let (mut raw, _peer) = socket_pair(Duration::from_secs(5));
+        let started = Instant::now();
+        raw.set_prelogin_limits(Duration::from_millis(300), started + Duration::from_secs(5));
+        let e = Stream::implicit_tls(raw, config).err().unwrap();
+        let took = started.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(
+            e.to_string(),
+            "not finished within 0.3 s (--handshake-timeout)"
+        );
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
     }
 
     #[test]

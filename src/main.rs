@@ -114,11 +114,17 @@ fn run(config: Config) -> ExitCode {
     );
     // --proxy-protocol-from: a balancer's connection starts with the client's address (before
     // TLS); a trusted peer that doesn't send it is closed unserved.
-    let Some(raw) = raw.accept_proxy_header(&config.proxy_protocol_from) else {
+    let Some(mut raw) = raw.accept_proxy_header(&config.proxy_protocol_from) else {
         return ExitCode::SUCCESS;
     };
+    // Pre-login limits, counted from connect: a client that never finishes the TLS handshake,
+    // or never logs in however busy it keeps us, does not hold this process for long.
+    raw.set_prelogin_limits(config.handshake_timeout, started + config.login_timeout);
     log::set_peer(raw.peer_name());
     log::debug(&format!("connection from {}", log::peer()));
+    // A balancer's health check (PROXY LOCAL or UNKNOWN) that logs no one in: not worth a
+    // line every few seconds.
+    let health_check = raw.is_health_check();
 
     let backend = imap::ImapBackend::new(config.imap.clone());
     let settings = session::Settings {
@@ -127,6 +133,7 @@ fn run(config: Config) -> ExitCode {
         uidl_format: config.uidl_format.clone(),
         sasl: config.sasl.clone(),
         auth_failure_delay: config.auth_failure_delay,
+        login_timeout: config.login_timeout,
     };
     let stream = match &config.tls {
         None => conn::Stream::plain(raw, None),
@@ -156,7 +163,12 @@ fn run(config: Config) -> ExitCode {
     if !peer.is_dead() {
         peer.stream_mut().close();
     }
-    log::info(&format!(
+    let log_end = if health_check && summary.user.is_none() {
+        log::debug
+    } else {
+        log::info
+    };
+    log_end(&format!(
         "session end: rip={} user={} listed={} retrieved={} deleted={} bytes={} duration={:.3}s outcome={}",
         log::peer(),
         summary.user.as_deref().unwrap_or("-"),

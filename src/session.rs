@@ -64,6 +64,13 @@ pub trait Peer: Write {
     }
     /// Flushes pending replies and performs the TLS handshake (STLS).
     fn start_tls(&mut self) -> io::Result<()>;
+    /// The client has logged in: `--login-timeout` no longer applies, only the idle timeout.
+    fn end_login_deadline(&mut self) {}
+    /// True if reads and writes now fail because `--login-timeout` has passed (not the idle
+    /// timeout).
+    fn login_deadline_passed(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +85,8 @@ pub struct Settings {
     /// same time whether the IMAP server was asked (a known `--user-dir` user) or not (an
     /// unknown one).
     pub auth_failure_delay: Duration,
+    /// `--login-timeout`, for the words of the cut (the peer enforces it).
+    pub login_timeout: Duration,
 }
 
 /// What happened, for the one summary line logged per session.
@@ -224,6 +233,21 @@ impl<B: Backend> Session<B> {
     pub fn run<P: Peer>(mut self, peer: &mut P) -> Summary {
         let outcome = match self.serve(peer) {
             Ok(outcome) => outcome,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && peer.login_deadline_passed() => {
+                // Not logged in within --login-timeout, however busy the client kept us.
+                let secs = self.settings.login_timeout.as_secs();
+                log::warning(&format!(
+                    "login timeout: rip={} not logged in within {secs} s (--login-timeout)",
+                    log::peer()
+                ));
+                let _ = reply(
+                    peer,
+                    false,
+                    &format!("Timeout: log in within {secs} s; closing."),
+                );
+                let _ = peer.flush();
+                "login-timeout"
+            }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 // Best effort: the client may be gone already.
                 let _ = reply(peer, false, "Autologout; idle for too long.");
@@ -273,7 +297,13 @@ impl<B: Backend> Session<B> {
                 },
             }?;
             match next {
-                Next::Continue(s) => state = s,
+                Next::Continue(s) => {
+                    if matches!(s, State::Transaction(_)) {
+                        // Logged in: from here on only the idle timeout applies.
+                        peer.end_login_deadline();
+                    }
+                    state = s
+                }
                 Next::End(outcome) => {
                     peer.flush()?;
                     return Ok(outcome);
@@ -990,6 +1020,9 @@ pub fn log_handshake_failure(e: &io::Error) {
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
             log::debug(&format!("client left during the TLS handshake: {e}"))
         }
+        io::ErrorKind::TimedOut => {
+            log::warning(&format!("TLS handshake timeout: rip={} {e}", log::peer()))
+        }
         _ => log::warning(&format!("TLS handshake failed: rip={} {e}", log::peer())),
     }
 }
@@ -1188,6 +1221,7 @@ mod tests {
             uidl_format: UidlFormat::default(),
             sasl: None,
             auth_failure_delay: Duration::ZERO,
+            login_timeout: Duration::from_secs(180),
         }
     }
 
@@ -1205,6 +1239,104 @@ mod tests {
 
     fn run(script: &str) -> String {
         run_with(fake(), settings(), script).0
+    }
+
+    /// A peer whose login deadline passes after `deadline_after` lines unless the session ends
+    /// it first; with its input used up, it times out as an idle client would.
+    struct Clocked {
+        pipe: Pipe,
+        deadline_after: usize,
+        served: usize,
+        logged_in: bool,
+    }
+
+    impl Write for Clocked {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.pipe.write(b)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Peer for Clocked {
+        fn read_line(&mut self) -> io::Result<Line> {
+            if self.login_deadline_passed() || self.pipe.input.is_empty() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.served += 1;
+            self.pipe.read_line()
+        }
+        fn read_sasl_line(&mut self) -> io::Result<Line> {
+            self.read_line()
+        }
+        fn is_secure(&self) -> bool {
+            false
+        }
+        fn can_start_tls(&self) -> bool {
+            false
+        }
+        fn has_pending_input(&self) -> bool {
+            false
+        }
+        fn start_tls(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+        fn end_login_deadline(&mut self) {
+            self.logged_in = true;
+        }
+        fn login_deadline_passed(&self) -> bool {
+            !self.logged_in && self.served >= self.deadline_after
+        }
+    }
+
+    fn run_clocked(script: &str, deadline_after: usize) -> (String, Summary) {
+        let mut peer = Clocked {
+            pipe: Pipe {
+                input: script.bytes().collect(),
+                output: Vec::new(),
+                secure: false,
+                stls: None,
+                lockstep: true,
+            },
+            deadline_after,
+            served: 0,
+            logged_in: false,
+        };
+        let s = Settings {
+            login_timeout: Duration::from_secs(42),
+            ..settings()
+        };
+        let summary = Session::new(fake(), s).run(&mut peer);
+        (
+            String::from_utf8_lossy(&peer.pipe.output).into_owned(),
+            summary,
+        )
+    }
+
+    #[test]
+    fn a_client_that_keeps_busy_without_logging_in_is_cut_at_the_login_deadline() {
+        let (out, summary) = run_clocked(&"NOOP\r\n".repeat(10), 3);
+        assert_eq!(
+            transcript(&out),
+            [
+                "+OK pop.test POP3 proxy ready.",
+                "+OK",
+                "+OK",
+                "+OK",
+                "-ERR Timeout: log in within 42 s; closing."
+            ]
+        );
+        assert_eq!(summary.outcome, "login-timeout");
+    }
+
+    #[test]
+    fn after_login_the_login_deadline_no_longer_applies() {
+        let (out, summary) = run_clocked(&format!("{LOGIN}{}", "NOOP\r\n".repeat(5)), 2);
+        let t = transcript(&out);
+        assert_eq!(t.len(), 1 + 2 + 5 + 1, "{t:?}");
+        assert_eq!(t.last().unwrap(), &"-ERR Autologout; idle for too long.");
+        assert_eq!(summary.outcome, "timeout");
     }
 
     /// Replies only, one string per reply line (multi-line bodies elided).

@@ -206,9 +206,9 @@ for _ in range(4):
 }
 
 #[test]
-fn local_and_unknown_health_checks_are_served_as_the_balancer() {
+fn local_and_unknown_health_checks_are_served_as_the_balancer_and_logged_at_debug() {
     let d = dovecot();
-    let a = start(&d, false, "127.0.0.1/32", &[]);
+    let a = start(&d, false, "127.0.0.1/32", &["-v".to_string()]);
     // HAProxy's check with send-proxy-v2: LOCAL, read the greeting, close.
     let out = exchange(a.port, &v2(0x20, 0x00, b""), "QUIT\r\n");
     assert!(out.starts_with(b"+OK pop.test "), "{out:?}");
@@ -217,12 +217,30 @@ fn local_and_unknown_health_checks_are_served_as_the_balancer() {
     assert!(out.starts_with(b"+OK pop.test "), "{out:?}");
     let out = exchange(a.port, b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n", "QUIT\r\n");
     assert!(out.starts_with(b"+OK pop.test "), "{out:?}");
+    // HAProxy's check with send-proxy (v1) names the check connection itself as the client.
+    let mut s = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let own = s.local_addr().unwrap().port();
+    s.write_all(
+        format!(
+            "PROXY TCP4 127.0.0.1 127.0.0.1 {own} {}\r\nQUIT\r\n",
+            a.port
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    assert!(out.starts_with(b"+OK pop.test "), "{out:?}");
+    // A line every few seconds per balancer would flood the log: these are debug lines.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while a.log().matches("session end: rip=127.0.0.1 ").count() < 3 {
+    while a.log().matches("<7>session end: rip=127.0.0.1 ").count() < 4 {
         assert!(Instant::now() < deadline, "{}", a.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!ours(&a.log()).contains("1.2.3.4"));
+    let log = a.log();
+    assert!(!ours(&log).contains("1.2.3.4"));
+    assert!(!log.contains("<6>session end"), "{log}");
 }
 
 #[test]

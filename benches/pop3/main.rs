@@ -9,7 +9,9 @@
 //! 2. RETR of one 50 MB message vs one 1 KB message: time, and aiopopd's peak RSS on pipes;
 //! 3. connect-to-greeting of a fresh process, plain and implicit TLS, median and p99;
 //! 4. scale: STAT+UIDL on 10,000 and 100,000 messages: time, IMAP commands, memory per message;
-//! 5. concurrency: 100 sessions at once, all must succeed; per-session RSS/PSS while they run.
+//! 5. concurrency: 100 sessions at once, all must succeed; per-session RSS/PSS while they run;
+//! 6. haproxy: 1,000 short sessions straight to one aiopopd and through HAProxy over two, and
+//!    silent or never-logging-in clients cut at the pre-login limits (`balancer.rs`).
 //!
 //! `--quick` shrinks every size and repeats once (for CI: it checks every session, never a time).
 //! `--profile` runs workload 1 once each under strace, perf and callgrind instead.
@@ -17,7 +19,10 @@
 
 #[path = "../../tests/common/dovecot.rs"]
 mod dovecot;
+#[path = "../../tests/common/haproxy.rs"]
+mod haproxy;
 
+mod balancer;
 mod client;
 mod mail;
 mod procs;
@@ -45,7 +50,7 @@ usage: scripts/bench [--quick] [--reps N] [--only LIST] [--aiopopd PATH] [--stat
 
   --quick          small sizes, one repetition; fails if any session fails, asserts no timing
   --reps N         measured repetitions per workload (default 7; warm-up runs come on top)
-  --only LIST      comma-separated subset of: session,big,greeting,scale,concurrency
+  --only LIST      comma-separated subset of: session,big,greeting,scale,concurrency,haproxy
   --aiopopd PATH   the aiopopd binary to measure (default: the one cargo built)
   --rev TEXT       what that binary was built from, for the report (default: git describe)
   --static PATH    also time the greeting of this aiopopd, built with OpenSSL linked statically
@@ -131,7 +136,14 @@ impl Opts {
     }
 }
 
-const WORKLOADS: &[&str] = &["session", "big", "greeting", "scale", "concurrency"];
+const WORKLOADS: &[&str] = &[
+    "session",
+    "big",
+    "greeting",
+    "scale",
+    "concurrency",
+    "haproxy",
+];
 
 fn fail(msg: &str) -> ! {
     eprintln!("bench: {msg}");
@@ -151,6 +163,13 @@ pub struct Plan {
     pub scale_msg: usize,
     pub sessions: usize,
     pub session_msgs: usize,
+    /// Workload 6: sessions per round, clients at once, pre-login connections of each kind,
+    /// and the limits they are cut at (seconds).
+    pub haproxy_sessions: usize,
+    pub haproxy_clients: usize,
+    pub silent: usize,
+    pub silent_handshake: u64,
+    pub silent_login: u64,
 }
 
 impl Plan {
@@ -166,6 +185,11 @@ impl Plan {
                 scale_msg: 600,
                 sessions: 100,
                 session_msgs: 2,
+                haproxy_sessions: 20,
+                haproxy_clients: 2,
+                silent: 3,
+                silent_handshake: 1,
+                silent_login: 2,
             }
         } else {
             Plan {
@@ -178,6 +202,11 @@ impl Plan {
                 scale_msg: 600,
                 sessions: 100,
                 session_msgs: 5,
+                haproxy_sessions: 1000,
+                haproxy_clients: 8,
+                silent: 50,
+                silent_handshake: 3,
+                silent_login: 6,
             }
         }
     }
@@ -261,6 +290,9 @@ fn main() {
     }
     if b.opts.runs("concurrency") {
         b.concurrency();
+    }
+    if b.opts.runs("haproxy") {
+        b.haproxy();
     }
 
     let failures = b.failures.count();

@@ -285,6 +285,7 @@ fuzz_target!(|data: &[u8]| {
             (false, false) => None,
         },
         auth_failure_delay: std::time::Duration::ZERO,
+        login_timeout: std::time::Duration::from_secs(180),
     };
     let mut conn = Conn::new(Client {
         input,

@@ -4,6 +4,8 @@ pub mod cyrus;
 pub mod debroot;
 pub mod dovecot;
 pub mod fakeimap;
+pub mod haproxy;
+pub mod imap4d;
 pub mod imapref;
 pub mod oauthserver;
 pub mod pop3;
