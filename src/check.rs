@@ -12,19 +12,18 @@
 
 use crate::account::{Account, Accounts, Security, Server, Source};
 use crate::config::{ClientTls, Config};
-use crate::imap::client::{Client, Failure, Transport};
-use crate::imap::{transport, ImapBackend, OnDele};
+use crate::imap::client::{Client, Failure};
+use crate::imap::transport::{self, Stream, Timed};
+use crate::imap::{ImapBackend, OnDele};
 use crate::maildrop::{Backend, Error, Maildrop};
 use crate::secret::Secret;
 use crate::tls;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::process::ExitCode;
-use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// An IMAP server greets at once; a TLS port says nothing until the client's hello. Silence
@@ -409,83 +408,6 @@ fn login_account(r: &mut Report, accounts: &Accounts, user: &str) -> Option<Acco
 // ---------------------------------------------------------------------------------------------
 // The IMAP server.
 
-/// TCP with one deadline for every read below TLS (as `transport::Timed`), remembering the
-/// first bytes the server sent: what answered a TLS hello tells a plain port.
-#[derive(Debug)]
-struct Timed {
-    tcp: TcpStream,
-    deadline: Instant,
-    first: Rc<RefCell<Vec<u8>>>,
-}
-
-impl Read for Timed {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.tcp
-            .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-        let n = self.tcp.read(buf).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut.into(),
-            _ => e,
-        })?;
-        let mut first = self.first.borrow_mut();
-        let take = n.min(64usize.saturating_sub(first.len()));
-        first.extend_from_slice(&buf[..take]);
-        Ok(n)
-    }
-}
-
-impl Write for Timed {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tcp.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.tcp.flush()
-    }
-}
-
-enum Stream {
-    Plain(Timed),
-    Tls(Box<native_tls::TlsStream<Timed>>),
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
-        }
-    }
-}
-
-impl Transport for Stream {
-    fn set_read_timeout(&mut self, left: Duration) -> io::Result<()> {
-        let timed = match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_mut(),
-        };
-        timed.deadline = Instant::now() + left;
-        Ok(())
-    }
-}
-
 type Conn = Client<Stream>;
 
 const TLS_PORT_FIX: &str = "this looks like a TLS port: add -s (implicit TLS), or use the \
@@ -565,7 +487,7 @@ fn probe(r: &mut Report, server: &Server, config: &Config) -> Option<Conn> {
             if !clear_greeting(r, &tcp, &where_) {
                 return None;
             }
-            Client::new(Stream::Plain(timed(tcp, timeout)), timeout)
+            Client::new(Stream::Plain(Timed::new(tcp, timeout)), timeout)
         }
     };
     if let Err(f) = c.greeting() {
@@ -614,7 +536,7 @@ fn probe(r: &mut Report, server: &Server, config: &Config) -> Option<Conn> {
             r.fail("STARTTLS: the server sent data after its OK", "");
             return None;
         };
-        let s = handshake(r, t.tcp, server, ca, timeout)?;
+        let s = handshake(r, t.into_tcp(), server, ca, timeout)?;
         c = Client::new(s, timeout);
         caps = capabilities(r, &mut c, "after STARTTLS")?;
     }
@@ -632,14 +554,6 @@ fn probe(r: &mut Report, server: &Server, config: &Config) -> Option<Conn> {
         r.note("clear text: passwords cross this connection unencrypted (loopback only, unless --imap-plaintext)");
     }
     Some(c)
-}
-
-fn timed(tcp: TcpStream, timeout: Duration) -> Timed {
-    Timed {
-        tcp,
-        deadline: Instant::now() + timeout,
-        first: Rc::default(),
-    }
 }
 
 /// Before reading a clear-text greeting: does the port speak IMAP at all? A TLS port says
@@ -748,8 +662,7 @@ fn handshake(
             return None;
         }
     };
-    let t = timed(tcp, timeout);
-    let first = Rc::clone(&t.first);
+    let (t, first) = Timed::recording(tcp, timeout);
     let trusted = match ca {
         Some(ca) => format!("the system's roots and --imap-ca {}", ca.display()),
         None => "the system's roots".to_string(),

@@ -5,9 +5,11 @@
 
 use super::client::Transport;
 use crate::account::Server;
+use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 pub enum Stream {
@@ -23,6 +25,9 @@ pub enum Stream {
 pub struct Timed {
     tcp: TcpStream,
     deadline: Instant,
+    /// `--check` only: the first octets the server sent (what answered a TLS hello tells a
+    /// plain port).
+    first: Option<Rc<RefCell<Vec<u8>>>>,
 }
 
 impl Timed {
@@ -30,7 +35,16 @@ impl Timed {
         Timed {
             tcp,
             deadline: Instant::now() + timeout,
+            first: None,
         }
+    }
+
+    /// As `new`, also keeping the first 64 octets read, in the cell returned.
+    pub fn recording(tcp: TcpStream, timeout: Duration) -> (Timed, Rc<RefCell<Vec<u8>>>) {
+        let first = Rc::default();
+        let mut t = Timed::new(tcp, timeout);
+        t.first = Some(Rc::clone(&first));
+        (t, first)
     }
 
     pub fn into_tcp(self) -> TcpStream {
@@ -47,7 +61,13 @@ impl Read for Timed {
         // Zero would mean "no timeout".
         self.tcp
             .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-        self.tcp.read(buf)
+        let n = self.tcp.read(buf)?;
+        if let Some(first) = &self.first {
+            let mut first = first.borrow_mut();
+            let take = n.min(64usize.saturating_sub(first.len()));
+            first.extend_from_slice(&buf[..take]);
+        }
+        Ok(n)
     }
 }
 
