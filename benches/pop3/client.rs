@@ -122,6 +122,12 @@ impl<S: Read + Write> Pop3<S> {
         Ok(line)
     }
 
+    /// A command whose one-line reply may be `+OK` or `-ERR`; returns that line.
+    pub fn reply(&mut self, command: &str) -> Result<String> {
+        self.send(command)?;
+        self.status_line()
+    }
+
     /// A command with a multi-line reply (RETR, UIDL, LIST, TOP), which must be `+OK`.
     pub fn multi(&mut self, command: &str) -> Result<Body> {
         self.simple(command)?;

@@ -24,6 +24,7 @@ mod haproxy;
 
 mod balancer;
 mod client;
+mod kdf;
 mod mail;
 mod procs;
 mod profile;
@@ -50,7 +51,7 @@ usage: scripts/bench [--quick] [--reps N] [--only LIST] [--aiopopd PATH] [--stat
 
   --quick          small sizes, one repetition; fails if any session fails, asserts no timing
   --reps N         measured repetitions per workload (default 7; warm-up runs come on top)
-  --only LIST      comma-separated subset of: session,big,greeting,scale,concurrency,haproxy
+  --only LIST      comma-separated subset of: session,big,greeting,scale,concurrency,haproxy,oauth
   --aiopopd PATH   the aiopopd binary to measure (default: the one cargo built)
   --rev TEXT       what that binary was built from, for the report (default: git describe)
   --static PATH    also time the greeting of this aiopopd, built with OpenSSL linked statically
@@ -143,6 +144,7 @@ const WORKLOADS: &[&str] = &[
     "scale",
     "concurrency",
     "haproxy",
+    "oauth",
 ];
 
 fn fail(msg: &str) -> ! {
@@ -170,6 +172,8 @@ pub struct Plan {
     pub silent: usize,
     pub silent_handshake: u64,
     pub silent_login: u64,
+    /// Workload 7: measured rounds of the token store's KDF.
+    pub kdf_rounds: usize,
 }
 
 impl Plan {
@@ -190,6 +194,7 @@ impl Plan {
                 silent: 3,
                 silent_handshake: 1,
                 silent_login: 2,
+                kdf_rounds: 3,
             }
         } else {
             Plan {
@@ -207,6 +212,7 @@ impl Plan {
                 silent: 50,
                 silent_handshake: 3,
                 silent_login: 6,
+                kdf_rounds: 15,
             }
         }
     }
@@ -293,6 +299,9 @@ fn main() {
     }
     if b.opts.runs("haproxy") {
         b.haproxy();
+    }
+    if b.opts.runs("oauth") {
+        b.oauth();
     }
 
     let failures = b.failures.count();
