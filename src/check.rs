@@ -696,7 +696,12 @@ fn handshake(
                 "TLS: certificate verified for {} against {trusted}{about}",
                 server.host
             ));
-            r.note("TLS version: native-tls doesn't report it (TLS 1.2 or later is required)");
+            // native-tls doesn't say what was negotiated; the server's hello, recorded on
+            // the way in, does.
+            match server_hello(&first.borrow()) {
+                Some((version, suite)) => r.ok(&format!("TLS version: {version}, {suite}")),
+                None => r.note("TLS version: the server's hello couldn't be read"),
+            }
             Some(Stream::Tls(Box::new(s)))
         }
         Err(e) => {
@@ -842,6 +847,42 @@ fn read_password(user: &str, account: &Account) -> Result<Secret, String> {
         Ok(None) => Err(format!("-u {user}: no password (stdin is empty)")),
         Err(e) => Err(format!("-u {user}: reading the password: {e}")),
     }
+}
+
+/// The protocol version and cipher suite a TLS server chose, from its first octets: the
+/// ServerHello (RFC 8446 4.1.3; RFC 5246 7.4.1.3), whose `supported_versions` extension names
+/// TLS 1.3 and later, where the legacy version field stays at 1.2. Names as rustls spells them.
+fn server_hello(b: &[u8]) -> Option<(String, String)> {
+    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+    }
+    // The record: handshake (22), a version, a length; then the handshake message: ServerHello
+    // (2) and a 3-octet length. (A HelloRetryRequest has the same form and the same choices.)
+    if *b.first()? != 22 || *b.get(5)? != 2 {
+        return None;
+    }
+    let hello = b.get(9..)?;
+    let legacy = u16_at(hello, 0)?;
+    let session_id = *hello.get(34)? as usize;
+    let at = 35 + session_id;
+    let suite = u16_at(hello, at)?;
+    let mut version = legacy;
+    // Compression (1 octet), then the extensions' total length and each (type, length, data).
+    let mut ext = at + 3 + 2;
+    let end = (ext + u16_at(hello, at + 3).unwrap_or(0) as usize).min(hello.len());
+    while ext + 4 <= end {
+        let (kind, len) = (u16_at(hello, ext)?, u16_at(hello, ext + 2)? as usize);
+        if kind == 43 && len == 2 {
+            version = u16_at(hello, ext + 4)?;
+        }
+        ext += 4 + len;
+    }
+    let version = match version {
+        0x0304 => "TLS 1.3".to_string(),
+        0x0303 => "TLS 1.2".to_string(),
+        v => format!("{:?}", rustls::ProtocolVersion::from(v)),
+    };
+    Some((version, format!("{:?}", rustls::CipherSuite::from(suite))))
 }
 
 /// Server bytes made safe to print: one line, printable ASCII, at most 100 characters.
@@ -1085,5 +1126,76 @@ mod x509 {
             assert!(c.not_after > c.not_before);
             assert!(c.subject.contains("CN="), "{}", c.subject);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_hello;
+    use crate::imap::transport::Timed;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// The first octets a rustls server offering only `versions` sends to native-tls (the
+    /// IMAP side's TLS), as `--check` records them.
+    fn recorded_hello(versions: &[&'static rustls::SupportedProtocolVersion]) -> Vec<u8> {
+        let pair = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(pair.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![pair.cert.der().clone()], key)
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut tcp, _) = listener.accept().unwrap();
+            let mut conn = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+            while conn.is_handshaking() {
+                if conn.complete_io(&mut tcp).is_err() {
+                    break;
+                }
+            }
+        });
+        let connector = native_tls::TlsConnector::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (t, first) = Timed::recording(tcp, Duration::from_secs(10));
+        let s = connector.connect("localhost", t).unwrap();
+        drop(s);
+        server.join().unwrap();
+        let got = first.borrow().clone();
+        got
+    }
+
+    #[test]
+    fn reads_the_version_and_suite_a_server_chose() {
+        let hello = recorded_hello(&[&rustls::version::TLS13]);
+        let (version, suite) = server_hello(&hello).unwrap();
+        assert_eq!(version, "TLS 1.3");
+        assert!(suite.starts_with("TLS13_"), "{suite}");
+        let hello = recorded_hello(&[&rustls::version::TLS12]);
+        let (version, suite) = server_hello(&hello).unwrap();
+        assert_eq!(version, "TLS 1.2");
+        assert!(suite.starts_with("TLS_ECDHE_"), "{suite}");
+    }
+
+    #[test]
+    fn anything_else_is_no_answer_and_no_panic() {
+        let hello = recorded_hello(&[&rustls::version::TLS13]);
+        // Every truncation and every corrupted octet: an answer or None, never a panic.
+        for n in 0..hello.len() {
+            let _ = server_hello(&hello[..n]);
+            let mut bad = hello.clone();
+            bad[n] ^= 0xff;
+            let _ = server_hello(&bad);
+        }
+        assert_eq!(server_hello(b"* OK IMAP4rev1 ready\r\n"), None);
+        assert_eq!(server_hello(b""), None);
     }
 }

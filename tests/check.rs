@@ -103,7 +103,12 @@ fn imaps_with_the_right_ca_passes_and_names_the_certificate() {
         o.stdout
     );
     assert!(o.stdout.contains("valid until"), "{}", o.stdout);
-    assert!(o.stdout.contains("TLS version"), "{}", o.stdout);
+    // Dovecot on Debian's OpenSSL 3 negotiates TLS 1.3.
+    assert!(
+        o.stdout.contains("ok    TLS version: TLS 1.3, TLS13_"),
+        "{}",
+        o.stdout
+    );
     // STARTTLS on the plain port, verified the same way.
     let plain = d.imap_port.to_string();
     let o = check(&[
@@ -118,6 +123,11 @@ fn imaps_with_the_right_ca_passes_and_names_the_certificate() {
     assert!(o.ok, "{}\n{}", o.stdout, o.stderr);
     assert!(
         o.stdout.contains("capabilities after STARTTLS"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains("ok    TLS version: TLS 1.3, TLS13_"),
         "{}",
         o.stdout
     );

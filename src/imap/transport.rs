@@ -39,7 +39,8 @@ impl Timed {
         }
     }
 
-    /// As `new`, also keeping the first 64 octets read, in the cell returned.
+    /// As `new`, also keeping the first octets read (up to 512: a greeting's first line, or a
+    /// TLS ServerHello), in the cell returned.
     pub fn recording(tcp: TcpStream, timeout: Duration) -> (Timed, Rc<RefCell<Vec<u8>>>) {
         let first = Rc::default();
         let mut t = Timed::new(tcp, timeout);
@@ -64,7 +65,7 @@ impl Read for Timed {
         let n = self.tcp.read(buf)?;
         if let Some(first) = &self.first {
             let mut first = first.borrow_mut();
-            let take = n.min(64usize.saturating_sub(first.len()));
+            let take = n.min(512usize.saturating_sub(first.len()));
             first.extend_from_slice(&buf[..take]);
         }
         Ok(n)
