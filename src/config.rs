@@ -509,9 +509,10 @@ fn shell_word(a: &str) -> String {
     }
 }
 
-/// Every option name in [`USAGE`] (aliases included): what a mistyped option is compared with.
-fn known_options() -> Vec<&'static str> {
-    let mut names: Vec<&str> = USAGE
+/// Every option name a usage text lists (aliases included): what a mistyped option is
+/// compared with.
+fn options_in(usage: &str) -> Vec<&str> {
+    let mut names: Vec<&str> = usage
         .split(|c: char| c.is_whitespace() || ",()".contains(c))
         .map(|w| w.trim_end_matches(['.', ':', ';']))
         .filter(|w| {
@@ -531,12 +532,17 @@ fn known_options() -> Vec<&'static str> {
 
 /// Arguments nobody took: for each unknown option, the known ones it is likely a typo of.
 fn leftovers(rest: &[OsString]) -> String {
+    unexpected_arguments(rest, USAGE, "aiopopd")
+}
+
+/// What `leftovers` says, for any program whose options `usage` lists (aiopopd-client's too).
+pub fn unexpected_arguments(rest: &[OsString], usage: &str, program: &str) -> String {
     let rest: Vec<String> = rest
         .iter()
         .map(|s| s.to_string_lossy().into_owned())
         .collect();
     let mut msg = format!("unexpected arguments: {}", rest.join(" "));
-    let known = known_options();
+    let known = options_in(usage);
     for r in &rest {
         let name = r.split_once('=').map_or(r.as_str(), |(n, _)| n);
         if !name.starts_with('-') || name.len() < 2 {
@@ -549,7 +555,7 @@ fn leftovers(rest: &[OsString]) -> String {
                 close.join(" or ")
             ));
         } else {
-            msg.push_str(&format!("\n{name}: unknown option (see aiopopd --help)"));
+            msg.push_str(&format!("\n{name}: unknown option (see {program} --help)"));
         }
     }
     msg
@@ -755,7 +761,7 @@ mod tests {
 
     #[test]
     fn mistyped_options_get_suggestions() {
-        let known = known_options();
+        let known = options_in(USAGE);
         for k in [
             "--imap-ssl",
             "--user-dir",

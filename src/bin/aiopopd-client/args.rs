@@ -153,8 +153,11 @@ pub fn parse(args: Vec<OsString>) -> Result<Action, String> {
     };
     let rest = a.finish();
     if !rest.is_empty() {
-        let rest: Vec<_> = rest.iter().map(|s| s.to_string_lossy()).collect();
-        return Err(format!("unexpected arguments: {}", rest.join(" ")));
+        return Err(aiopopd::config::unexpected_arguments(
+            &rest,
+            USAGE,
+            "aiopopd-client",
+        ));
     }
 
     let user = user.ok_or("-u/--username is required")?;
@@ -278,6 +281,8 @@ pub mod tests {
         assert!(parse_err(&["-u", "a", "--insecure"]).contains("only matter"));
         parse_err(&["-u", "a", "--timeout", "0"]);
         parse_err(&["-u", "a", "extra"]);
+        let e = parse_err(&["-u", "a", "--tiemout", "3"]);
+        assert!(e.contains("did you mean --timeout?"), "{e}");
         parse_err(&["-u", "a", "-p", "secret"]);
         parse_err(&["-u", "a", "--auth", "GSSAPI"]);
         assert_eq!(
