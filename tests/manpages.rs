@@ -1,7 +1,8 @@
 //! The man pages in `man/`, checked against the binaries they describe: each page renders with
-//! groff without a single warning, and its OPTIONS section has an entry (a `.TP` tag) for every
-//! option the binary's `--help` lists, and for nothing else. A new option therefore fails here
-//! until it is documented, naming the option and the page.
+//! groff without a single warning, has every section of [`SECTIONS`], and its OPTIONS section
+//! has an entry (a `.TP` tag) for every option the binary's `--help` lists, and for nothing
+//! else. A new option therefore fails here until it is documented, naming the option and the
+//! page.
 //!
 //! Needs groff (Debian package groff-base). This file owns no other file.
 
@@ -57,6 +58,18 @@ impl Page {
         String::from_utf8(out.stdout).expect("--help prints UTF-8")
     }
 }
+
+/// The sections every page must have, as headings of the rendered page.
+const SECTIONS: [&str; 8] = [
+    "NAME",
+    "SYNOPSIS",
+    "DESCRIPTION",
+    "OPTIONS",
+    "EXIT STATUS",
+    "FILES",
+    "EXAMPLES",
+    "SEE ALSO",
+];
 
 fn groff() -> Command {
     let found = ["/usr/bin/groff", "/bin/groff"]
@@ -195,7 +208,7 @@ fn pages_render_without_warnings() {
             .output()
             .expect("running groff");
         let text = String::from_utf8_lossy(&rendered.stdout);
-        for section in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS"] {
+        for section in SECTIONS {
             assert!(
                 text.lines().any(|l| l.trim() == section),
                 "{}: no {section} section in the rendered page",
