@@ -280,7 +280,9 @@ impl fmt::Display for HeaderFailure {
 
 impl Drop for RawConn {
     fn drop(&mut self) {
-        for (f, flags) in &self.saved_flags {
+        // In reverse: when stdin and stdout are one file (a terminal), stdout's saved flags
+        // were read after stdin's were changed; stdin's, restored last, are the original ones.
+        for (f, flags) in self.saved_flags.iter().rev() {
             let _ = fd::set_flags(f.as_fd(), *flags);
         }
     }

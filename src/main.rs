@@ -60,6 +60,10 @@ fn refuse(msg: &str) -> ExitCode {
         || conn
             .as_ref()
             .map_or(true, |c| fd::stderr_is_safe(c.client_fd()));
+    // A terminal is no client, and the connection made it O_NONBLOCK for stderr too: let it go
+    // (its flags restored) before writing there, or a write to a stopped terminal (Ctrl-S)
+    // fails with EAGAIN and the explanation is lost.
+    let client = conn.ok().filter(|c| !c.is_terminal());
     if stderr_safe && stderr_is_journal() {
         // systemd's StandardError=journal: the log is stderr, one entry per line.
         log::init(log::Target::Stderr, true, false);
@@ -75,11 +79,8 @@ fn refuse(msg: &str) -> ExitCode {
             eprintln!("aiopopd: {msg}\n(see aiopopd --help)");
         }
     }
-    if let Ok(mut c) = conn {
-        if !c.is_terminal() {
-            let _ =
-                c.write_all(b"-ERR [SYS/PERM] aiopopd is misconfigured; see the server log.\r\n");
-        }
+    if let Some(mut c) = client {
+        let _ = c.write_all(b"-ERR [SYS/PERM] aiopopd is misconfigured; see the server log.\r\n");
     }
     ExitCode::from(2)
 }

@@ -427,3 +427,126 @@ fn session_log_lines_name_the_fix() {
         o.stderr
     );
 }
+
+/// The capabilities that change what aiopopd does, each said yes or no. This Dovecot offers ID
+/// before login, and UIDPLUS, MOVE and NAMESPACE only once logged in (hence -u).
+#[test]
+fn the_capabilities_that_matter_are_each_named() {
+    let d = Dovecot::start();
+    let port = d.imap_port.to_string();
+    let args = ["--check", "-H", "127.0.0.1", "-p", &port, "-u", "alice"];
+    let o = aiopopd(&args, b"alice-pw\n");
+    assert!(o.ok, "{}\n{}", o.stdout, o.stderr);
+    // One note after each capabilities line, in CAPS_THAT_MATTER's order.
+    let notes: Vec<&str> = o
+        .stdout
+        .lines()
+        .skip_while(|l| !l.contains("capabilities after login: "))
+        .filter_map(|l| l.strip_prefix("  note  "))
+        .collect();
+    let after = notes.first().copied().unwrap_or_default();
+    assert!(
+        after.starts_with("UIDPLUS yes, MOVE yes, STARTTLS "),
+        "{}",
+        o.stdout
+    );
+    assert!(after.contains(", ID yes, NAMESPACE yes, "), "{}", o.stdout);
+    let before = o
+        .stdout
+        .lines()
+        .skip_while(|l| !l.contains("capabilities before login: "))
+        .find_map(|l| l.strip_prefix("  note  "))
+        .unwrap_or_default();
+    assert!(
+        before.contains("STARTTLS yes") && before.contains(", ID yes, "),
+        "{}",
+        o.stdout
+    );
+}
+
+/// A certificate made with rcgen for pop.test, valid until `days` (and an hour, so the whole
+/// days left don't depend on when the check runs) from now; `days` may be negative. The files,
+/// and the expiry date as the report prints it.
+fn certificate_expiring_in(dir: &std::path::Path, days: i64) -> (String, String, String) {
+    use std::time::SystemTime;
+    let mut params = rcgen::CertificateParams::new(vec!["pop.test".to_string()]).unwrap();
+    let offset = Duration::from_secs(days.unsigned_abs() * 86_400);
+    let hour = Duration::from_secs(3600);
+    params.not_after = match days >= 0 {
+        true => SystemTime::now() + offset + hour,
+        false => SystemTime::now() - offset + hour,
+    }
+    .into();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (
+        dir.join(format!("cert{days}.pem")),
+        dir.join(format!("key{days}.pem")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (
+        c.to_str().unwrap().to_string(),
+        k.to_str().unwrap().to_string(),
+        params.not_after.date().to_string(),
+    )
+}
+
+/// The POP3 certificate's expiry: the date and the days left; a note under three weeks; a
+/// FAIL once expired, with the fix.
+#[test]
+fn pop3_certificate_expiry_is_reported() {
+    let d = Dovecot::start();
+    let port = d.imap_port.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let with = |days: i64| {
+        let (cert, key, until) = certificate_expiring_in(dir.path(), days);
+        let a = [
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-d",
+            "pop.test",
+            "--ssl-cert",
+            &cert,
+            "--ssl-key",
+            &key,
+        ];
+        (check(&a), until)
+    };
+
+    let (o, until) = with(100);
+    assert!(o.ok, "{}\n{}", o.stdout, o.stderr);
+    let line = format!(" to {until} (100 days left)");
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.starts_with("  ok    certificate: ") && l.ends_with(&line)),
+        "{line:?} not in:\n{}",
+        o.stdout
+    );
+
+    let (o, until) = with(10);
+    assert!(o.ok, "a note, not a problem: {}", o.stdout);
+    let line = format!(" to {until}: expires in 10 days");
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.starts_with("  note  certificate: ") && l.ends_with(&line)),
+        "{line:?} not in:\n{}",
+        o.stdout
+    );
+
+    let (o, until) = with(-2);
+    assert_eq!(o.code, Some(1), "{}", o.stdout);
+    let line = format!(" to {until}: EXPIRED");
+    assert!(
+        o.stdout
+            .lines()
+            .any(|l| l.starts_with("  FAIL  certificate: ") && l.ends_with(&line)),
+        "{line:?} not in:\n{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("fix: renew it"), "{}", o.stdout);
+}

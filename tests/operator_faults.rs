@@ -524,3 +524,224 @@ fn the_client_shows_progress_on_a_terminal_during_a_long_retr() {
     assert!(text.contains("\r\x1b[K"), "erased: {text:?}");
     assert!(text.contains("aiopopd-client: 1 message retrieved, 65536 octets in "));
 }
+
+/// Implicit TLS (no --stls) with a certificate or key that can't be loaded: nothing can be said
+/// to the client before its TLS hello, so it gets nothing at all (no clear-text `-ERR` that
+/// would be garbage to a TLS client), and the log exactly one line naming the file and the
+/// problem.
+#[test]
+fn implicit_tls_with_a_certificate_that_cant_be_loaded_logs_one_line_and_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (cert, key, missing, not_pem) = (p("cert.pem"), p("key.pem"), p("gone.pem"), p("x.pem"));
+    let pair = rcgen::generate_simple_self_signed(vec!["pop.test".to_string()]).unwrap();
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&not_pem, "this is not PEM\n").unwrap();
+    let cases = [
+        (
+            &missing,
+            &key,
+            format!("TLS: reading certificates from {missing}: "),
+            "No such file or directory",
+        ),
+        (
+            &not_pem,
+            &key,
+            format!("TLS: no certificate in {not_pem}"),
+            "",
+        ),
+        (
+            &cert,
+            &missing,
+            format!("TLS: reading the private key from {missing}: "),
+            "No such file or directory",
+        ),
+        (
+            &cert,
+            &not_pem,
+            format!("TLS: reading the private key from {not_pem}: "),
+            "no items found",
+        ),
+    ];
+    for (c, k, what, problem) in cases {
+        // The IMAP server is never reached: no Dovecot needed.
+        let a: Vec<String> = ["-H", "127.0.0.1", "-l", "--ssl-cert", c, "--ssl-key", k]
+            .map(String::from)
+            .to_vec();
+        // What a confused client might send in clear; a TLS client's hello gets the same.
+        let r = run(&a, b"CAPA\r\nQUIT\r\n");
+        assert!(
+            r.stdout.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&r.stdout)
+        );
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{}", r.stderr);
+        assert!(
+            lines[0].starts_with(&format!("<3>{what}")) && lines[0].contains(problem),
+            "{what:?} {problem:?} not in {:?}",
+            lines[0]
+        );
+        assert!(!r.ok, "the operator's fault, not a session that ended well");
+    }
+}
+
+/// Runs `cmd` (a shell command) on a pseudo-terminal, as someone trying it by hand would;
+/// `input` is typed at the given times. The terminal's output, `\r\n` made `\n`.
+fn on_a_terminal(cmd: &str, input: &[(Duration, &[u8])]) -> String {
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("script(1)");
+    let mut stdin = child.stdin.take().unwrap();
+    let start = Instant::now();
+    for (at, bytes) in input {
+        std::thread::sleep(at.saturating_sub(start.elapsed()));
+        // It may have finished already.
+        let _ = stdin.write_all(bytes);
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n")
+}
+
+/// `cmd` run by hand: its exit status and, after it, whether the terminal (the shared open
+/// file, so also the shell's) is still in O_NONBLOCK, which breaks the programs run after it.
+/// Both are written to files, not the terminal, so they survive a terminal left stopped or
+/// non-blocking.
+fn by_hand(cmd: &str, input: &[(Duration, &[u8])]) -> (String, Option<i32>, bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, flags) = (dir.path().join("status"), dir.path().join("flags"));
+    let script = format!(
+        "{cmd}; echo $? >{}; grep ^flags: /proc/self/fdinfo/0 >{}",
+        status.display(),
+        flags.display()
+    );
+    let text = on_a_terminal(&script, input);
+    let code = std::fs::read_to_string(&status)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let flags = std::fs::read_to_string(&flags).unwrap_or_default();
+    let flags = flags.trim_start_matches("flags:").trim();
+    let nonblocking = u32::from_str_radix(flags, 8).expect("fdinfo flags") & 0o4000 != 0;
+    (text, code, nonblocking)
+}
+
+/// A configuration error at a terminal: the explanation with its fix, whole, and status 2;
+/// no POP3 `-ERR` line (there is no client); the terminal as it was.
+#[test]
+fn configuration_errors_at_a_terminal_explain_the_fix() {
+    let (text, code, nonblocking) = by_hand(BIN, &[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.starts_with("aiopopd: -H/--imap-hostname HOST is required (or --user-dir DIR)"),
+        "{text:?}"
+    );
+    assert!(
+        text.ends_with(
+            "Try the options first with: aiopopd --check -H imap.example.com -s\n\
+             (see aiopopd --help)\n"
+        ),
+        "{text:?}"
+    );
+    assert!(!text.contains("-ERR"), "{text:?}");
+    assert!(!nonblocking, "the terminal was left non-blocking");
+
+    let (text, code, nonblocking) = by_hand(&format!("{BIN} -P 9955 -H localhost"), &[]);
+    assert_eq!(code, Some(2), "{text}");
+    for fix in [
+        "aiopopd: option -P/--listen-port: those are the Python aiopopd's listener options.",
+        &format!(
+            "\n    systemd-socket-activate -l 127.0.0.1:9955 --accept --inetd {BIN} -H localhost\n"
+        ),
+        "[Socket]  ListenStream=127.0.0.1:9955  Accept=yes\n",
+        &format!("[Service] ExecStart={BIN} -H localhost -l\n"),
+        &format!("server = {BIN}  server_args = -H localhost\n"),
+        "\nThen try the options with: aiopopd --check -H localhost\n(see aiopopd --help)\n",
+    ] {
+        assert!(text.contains(fix), "{fix:?} not in:\n{text}");
+    }
+    assert!(text.ends_with("(see aiopopd --help)\n"), "{text:?}");
+    assert!(!text.contains("-ERR"), "{text:?}");
+    assert!(!nonblocking, "the terminal was left non-blocking");
+}
+
+/// The same with the terminal's output stopped (Ctrl-S) while aiopopd explains, as when the
+/// person scrolls back: the explanation waits for Ctrl-Q and then arrives whole. A write to a
+/// terminal left in O_NONBLOCK fails instead (EAGAIN), and the text is lost.
+#[test]
+fn a_configuration_error_at_a_stopped_terminal_waits_and_arrives_whole() {
+    let (ctrl_s, ctrl_q) = (&b"\x13"[..], &b"\x11"[..]);
+    let cmd = format!("sleep 0.3; {BIN} -P 9955 -H localhost");
+    let input = [
+        (Duration::ZERO, ctrl_s),
+        (Duration::from_millis(1300), ctrl_q),
+    ];
+    let (text, code, nonblocking) = by_hand(&cmd, &input);
+    assert_eq!(code, Some(2), "{text:?}");
+    assert!(
+        text.starts_with("aiopopd: option -P/--listen-port: "),
+        "{text:?}"
+    );
+    assert!(text.ends_with("(see aiopopd --help)\n"), "{text:?}");
+    assert!(!nonblocking, "the terminal was left non-blocking");
+}
+
+/// A configuration error under systemd's StandardError=journal ($JOURNAL_STREAM names fd 2):
+/// one log entry per line of the explanation, each with the error priority prefix, and the fix
+/// in full; the client (stdout) its one `-ERR` line. With $JOURNAL_STREAM naming another file,
+/// stderr is not the journal: plain text, no prefixes.
+#[test]
+fn configuration_errors_in_the_journal_are_one_entry_per_line() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("journal");
+    std::fs::File::create(&log).unwrap();
+    let run_with = |journal_stream: String| {
+        let stderr = std::fs::File::create(&log).unwrap();
+        let out = Command::new(BIN)
+            .args(["-P", "9955", "-H", "localhost"])
+            .env("JOURNAL_STREAM", journal_stream)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert_eq!(
+            out.stdout,
+            b"-ERR [SYS/PERM] aiopopd is misconfigured; see the server log.\r\n"
+        );
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let m = std::fs::metadata(&log).unwrap();
+    let text = run_with(format!("{}:{}", m.dev(), m.ino()));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0], "<3>configuration error (the fix follows):",
+        "{text}"
+    );
+    assert!(lines.iter().all(|l| l.starts_with("<3>")), "{text}");
+    for fix in [
+        "\n<3>option -P/--listen-port: those are the Python aiopopd's listener options.",
+        &format!("\n<3>    systemd-socket-activate -l 127.0.0.1:9955 --accept --inetd {BIN} -H localhost\n"),
+        "[Socket]  ListenStream=127.0.0.1:9955  Accept=yes\n",
+        &format!("[Service] ExecStart={BIN} -H localhost -l\n"),
+        &format!("server = {BIN}  server_args = -H localhost\n"),
+        "\n<3>Then try the options with: aiopopd --check -H localhost\n",
+    ] {
+        assert!(text.contains(fix), "{fix:?} not in:\n{text}");
+    }
+
+    let d = std::fs::metadata(dir.path()).unwrap();
+    let text = run_with(format!("{}:{}", d.dev(), d.ino()));
+    assert!(
+        text.starts_with("aiopopd: option -P/--listen-port: "),
+        "{text}"
+    );
+    assert!(!text.contains("<3>"), "{text}");
+    assert!(text.ends_with("(see aiopopd --help)\n"), "{text}");
+}
