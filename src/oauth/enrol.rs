@@ -27,11 +27,13 @@ pub struct Enrolment<'a> {
     pub kdf: KdfParams,
 }
 
-/// What ended the wait.
+/// What a way of enrolling came to.
 enum Outcome {
     Code(String),
     Granted(Granted),
     Failed(String),
+    /// The device flow failed or its code expired: the browser and paste ways go on.
+    DeviceEnded(String),
 }
 
 impl Enrolment<'_> {
@@ -65,19 +67,27 @@ impl Enrolment<'_> {
             ),
         );
         let (tx, rx) = mpsc::channel();
+        // The device flow is offered on top of the URL above: its failure only takes it away.
         let device = match &p.device_authorization_url {
-            Some(_) => {
-                let d = flow::device_start(p, self.ca, self.timeout)
-                    .map_err(|e| format!("device authorization: {e}"))?;
-                w(
-                    out,
-                    format!(
-                        "Or, on any device, open {} and enter the code {}",
-                        d.verification_uri, d.user_code
-                    ),
-                );
-                Some(d)
-            }
+            Some(_) => match flow::device_start(p, self.ca, self.timeout) {
+                Ok(d) => {
+                    w(
+                        out,
+                        format!(
+                            "Or, on any device, open {} and enter the code {}",
+                            d.verification_uri, d.user_code
+                        ),
+                    );
+                    Some(d)
+                }
+                Err(e) => {
+                    w(
+                        out,
+                        format!("The device flow is unavailable: {e}; use the URL above."),
+                    );
+                    None
+                }
+            },
             None => None,
         };
         let done = std::sync::atomic::AtomicBool::new(false);
@@ -120,12 +130,29 @@ impl Enrolment<'_> {
                 });
             }
             drop(tx);
-            let outcome = rx
-                .recv_timeout(PATIENCE)
-                .unwrap_or_else(|_| Outcome::Failed("no answer within 10 minutes".into()));
+            // The first outcome that ends the enrolment; a device flow that ended only notes
+            // so. When every way has ended (the channel disconnects), the last reason stands.
+            let until = Instant::now() + PATIENCE;
+            let mut ended = "no way of enrolling remains".to_string();
+            let outcome = loop {
+                match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(Outcome::DeviceEnded(e)) => {
+                        w(
+                            out,
+                            format!("The device flow ended: {e}; use the URL above."),
+                        );
+                        ended = format!("device flow: {e}");
+                    }
+                    Ok(o) => break o,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        break Outcome::Failed("no answer within 10 minutes".into())
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break Outcome::Failed(ended),
+                }
+            };
             done.store(true, Relaxed);
             let granted = match outcome {
-                Outcome::Failed(e) => return Err(e),
+                Outcome::Failed(e) | Outcome::DeviceEnded(e) => return Err(e),
                 Outcome::Granted(g) => g,
                 Outcome::Code(code) => flow::exchange_code(
                     p,
@@ -179,10 +206,10 @@ impl Enrolment<'_> {
                 Ok(flow::Poll::Granted(g)) => return Outcome::Granted(g),
                 Ok(flow::Poll::Pending) => {}
                 Ok(flow::Poll::SlowDown) => interval += Duration::from_secs(5),
-                Err(e) => return Outcome::Failed(format!("device flow: {e}")),
+                Err(e) => return Outcome::DeviceEnded(e.to_string()),
             }
         }
-        Outcome::Failed("the device code expired".into())
+        Outcome::DeviceEnded("the device code expired".into())
     }
 }
 
@@ -338,4 +365,154 @@ fn give_to_state_dir_owner(state_dir: &Path, store: &Path) -> Result<(), String>
             .map_err(|e| format!("handing {} to uid {}: {e}", path.display(), owner.uid()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHEAP: KdfParams = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+
+    const GRANT: &str = r#"{"access_token":"A1","expires_in":3600,"refresh_token":"R1"}"#;
+
+    /// A provider answering its requests, whatever the path, with `answers` in turn; its URL.
+    fn endpoint(answers: Vec<(u16, &'static str)>) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+        std::thread::spawn(move || {
+            for (status, body) in answers {
+                let (mut s, _) = l.accept().unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req);
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        url
+    }
+
+    /// The instructions, a line at a time, as the user reads them.
+    struct Lines(Vec<u8>, mpsc::Sender<String>);
+
+    impl Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.extend_from_slice(b);
+            while let Some(i) = self.0.iter().position(|&c| c == b'\n') {
+                let line: Vec<u8> = self.0.drain(..=i).collect();
+                let _ = self
+                    .1
+                    .send(String::from_utf8_lossy(&line).trim_end().to_string());
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Enrols with `device_url` as the device endpoint: reads the instructions up to the line
+    /// starting with `note`, then pastes a redirect with a code for the provider at
+    /// `token_url` to exchange. The refresh token the store then holds.
+    fn enrol_past_a_device_failure(
+        device_url: &str,
+        token_url: &str,
+        note: &str,
+    ) -> Result<String, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let provider: Provider = serde_json::from_value(serde_json::json!({
+            "authorize_url": "http://127.0.0.1:1/authorize", "token_url": token_url,
+            "device_authorization_url": device_url, "client_id": "cid", "scope": "mail"
+        }))
+        .unwrap();
+        let store = Store::new(dir.path(), "alice");
+        let pw = Secret::new(b"pw".to_vec());
+        let (paste, pasted) = mpsc::channel();
+        let (shown, lines) = mpsc::channel();
+        std::thread::scope(|sc| {
+            let run = sc.spawn(|| {
+                Enrolment {
+                    provider: &provider,
+                    store: &store,
+                    ca: None,
+                    timeout: Duration::from_secs(5),
+                    kdf: CHEAP,
+                }
+                .run(&pw, pasted, &mut Lines(Vec::new(), shown))
+            });
+            let mut state = None;
+            for line in lines.iter() {
+                if let Some((_, rest)) = line.split_once("&state=") {
+                    state = rest.split('&').next().map(str::to_string);
+                }
+                if line.starts_with(note) {
+                    break;
+                }
+            }
+            let state = state.expect("the authorize URL");
+            // Unsent if the enrolment already ended: its error is the test's answer.
+            let _ = paste.send(format!("http://127.0.0.1/?code=C&state={state}"));
+            run.join().unwrap()
+        })?;
+        let (_, t) = store.open(&pw).unwrap();
+        Ok(t.refresh_token.clone().unwrap())
+    }
+
+    /// The device endpoint unreachable: a note, and the pasted redirect still enrols.
+    #[test]
+    fn a_device_flow_that_cannot_start_leaves_the_browser_flow() {
+        let url = endpoint(vec![(200, GRANT)]);
+        let r = enrol_past_a_device_failure(
+            "http://127.0.0.1:9/device",
+            &format!("{url}/token"),
+            "The device flow is unavailable: ",
+        );
+        assert_eq!(r.unwrap(), "R1");
+    }
+
+    /// The user refuses on the device: a note, and the pasted redirect still enrols.
+    #[test]
+    fn a_refused_device_flow_leaves_the_browser_flow() {
+        let url = endpoint(vec![
+            (
+                200,
+                r#"{"device_code":"D","user_code":"U","verification_uri":"http://127.0.0.1/d",
+                    "expires_in":600,"interval":1}"#,
+            ),
+            (400, r#"{"error":"access_denied"}"#),
+            (200, GRANT),
+        ]);
+        let r = enrol_past_a_device_failure(
+            &format!("{url}/device"),
+            &format!("{url}/token"),
+            "The device flow ended: access_denied; use the URL above.",
+        );
+        assert_eq!(r.unwrap(), "R1");
+    }
 }

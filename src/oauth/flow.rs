@@ -77,9 +77,10 @@ pub enum Error {
     /// `invalid_grant` (revoked, expired, password changed at the provider): only a new
     /// enrolment helps.
     Grant(String),
-    /// No answer (down, unreachable, timeout, TLS): try again later.
+    /// No answer (down, unreachable, timeout, TLS), or an answer that says "later" (a 5xx, a
+    /// 429, `temporarily_unavailable`, `server_error`): try again later.
     Unreachable(String),
-    /// Anything else the provider said (`invalid_client`, a 500, a malformed answer).
+    /// Anything else the provider said (`invalid_client`, a 404, a malformed answer).
     Provider(String),
 }
 
@@ -154,6 +155,7 @@ pub fn code_from_redirect(url: &str, state: &str) -> Result<String, String> {
     let mut code = None;
     let mut got_state = None;
     let mut error = None;
+    let mut description = None;
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = http::unpercent(v).ok_or("malformed redirect URL")?;
@@ -161,12 +163,15 @@ pub fn code_from_redirect(url: &str, state: &str) -> Result<String, String> {
             "code" => code = Some(v),
             "state" => got_state = Some(v),
             "error" => error = Some(v),
-            "error_description" if error.is_some() => error = Some(format!("{error:?}: {v}")),
+            "error_description" => description = Some(v),
             _ => {}
         }
     }
     if let Some(e) = error {
-        return Err(format!("the provider refused: {e}"));
+        return Err(match description {
+            Some(d) => format!("the provider refused: {e}: {d}"),
+            None => format!("the provider refused: {e}"),
+        });
     }
     if got_state.as_deref() != Some(state) {
         return Err(
@@ -234,12 +239,15 @@ pub fn device_start(p: &Provider, ca: Option<&Path>, timeout: Duration) -> Resul
         .device_authorization_url
         .as_deref()
         .ok_or_else(|| Error::Provider("no device_authorization_url".into()))?;
-    let r = post(
-        url,
-        &[("client_id", &p.client_id), ("scope", &p.scope)],
-        ca,
-        timeout,
-    )?;
+    let mut form = vec![
+        ("client_id", p.client_id.as_str()),
+        ("scope", p.scope.as_str()),
+    ];
+    // A confidential client authenticates here too (RFC 8628 3.1).
+    if let Some(secret) = &p.client_secret {
+        form.push(("client_secret", secret));
+    }
+    let r = post(url, &form, ca, timeout)?;
     if r.status != 200 {
         return Err(refusal(&r));
     }
@@ -314,9 +322,11 @@ fn post(
     http::post_form(&url, form, ca, timeout).map_err(Error::Unreachable)
 }
 
-/// An error answer (RFC 6749 5.2): `invalid_grant` is the grant's end; a 5xx is the provider
-/// being unwell (temporary); the rest is named. The description is the provider's text, for
-/// the log; it holds no token.
+/// An error answer (RFC 6749 5.2). The status decides first: a 5xx or a 429 is the provider
+/// unwell or busy (temporary), whatever its body says; so are RFC 6749 4.1.2.1's
+/// `temporarily_unavailable` and `server_error` with any status. Then `invalid_grant` is the
+/// grant's end, and the rest is named. The description is the provider's text, for the log;
+/// it holds no token.
 fn refusal(r: &http::Response) -> Error {
     #[derive(Deserialize)]
     struct E {
@@ -324,20 +334,27 @@ fn refusal(r: &http::Response) -> Error {
         error_description: Option<String>,
     }
     let parsed: Option<E> = serde_json::from_slice(&r.body).ok();
-    match parsed {
-        Some(e) => {
-            let text = match &e.error_description {
-                Some(d) => format!("{} ({})", e.error, d.chars().take(200).collect::<String>()),
-                None => e.error.clone(),
-            };
-            if e.error == "invalid_grant" {
-                Error::Grant(text)
-            } else {
-                Error::Provider(text)
-            }
-        }
-        None if r.status >= 500 => Error::Unreachable(format!("HTTP {}", r.status)),
-        None => Error::Provider(format!("HTTP {}", r.status)),
+    let Some(e) = parsed else {
+        let text = format!("HTTP {}", r.status);
+        return if r.status >= 500 || r.status == 429 {
+            Error::Unreachable(text)
+        } else {
+            Error::Provider(text)
+        };
+    };
+    let text = match &e.error_description {
+        Some(d) => format!("{} ({})", e.error, d.chars().take(200).collect::<String>()),
+        None => e.error.clone(),
+    };
+    if r.status >= 500
+        || r.status == 429
+        || matches!(e.error.as_str(), "temporarily_unavailable" | "server_error")
+    {
+        Error::Unreachable(format!("HTTP {}: {text}", r.status))
+    } else if e.error == "invalid_grant" {
+        Error::Grant(text)
+    } else {
+        Error::Provider(text)
     }
 }
 
@@ -395,10 +412,26 @@ mod tests {
             "a/b"
         );
         assert!(code_from_redirect("http://x/?code=a&state=other", "st8").is_err());
-        assert!(
-            code_from_redirect("http://x/?error=access_denied&state=st8", "st8")
-                .unwrap_err()
-                .contains("access_denied")
+        assert_eq!(
+            code_from_redirect("http://x/?error=access_denied&state=st8", "st8").unwrap_err(),
+            "the provider refused: access_denied"
+        );
+    }
+
+    /// The description reads after the bare code, and is kept whichever comes first.
+    #[test]
+    fn a_refusal_in_the_redirect_reads_plainly_in_any_order() {
+        let want = "the provider refused: access_denied: the user said no";
+        for url in [
+            "http://x/?error=access_denied&error_description=the%20user%20said%20no&state=st8",
+            "http://x/?error_description=the%20user%20said%20no&state=st8&error=access_denied",
+        ] {
+            assert_eq!(code_from_redirect(url, "st8").unwrap_err(), want, "{url}");
+        }
+        // A description without an error is no refusal.
+        assert_eq!(
+            code_from_redirect("http://x/?error_description=x&code=c&state=st8", "st8").unwrap(),
+            "c"
         );
     }
 
@@ -417,6 +450,43 @@ mod tests {
             Error::Provider(_)
         ));
         assert!(matches!(refusal(&r(503, "<html>")), Error::Unreachable(_)));
+        assert!(matches!(refusal(&r(429, "")), Error::Unreachable(_)));
         assert!(matches!(refusal(&r(404, "<html>")), Error::Provider(_)));
+    }
+
+    /// A 5xx or 429 is temporary even with a JSON error, and so are the two RFC 6749 codes
+    /// that mean "later" with any status: [SYS/TEMP], not [SYS/PERM].
+    #[test]
+    fn the_status_and_the_later_codes_make_an_answer_temporary() {
+        let r = |status, body: &str| http::Response {
+            status,
+            body: body.as_bytes().to_vec(),
+        };
+        for (status, body) in [
+            (503, r#"{"error":"temporarily_unavailable"}"#),
+            (
+                500,
+                r#"{"error":"server_error","error_description":"try later"}"#,
+            ),
+            (502, r#"{"error":"invalid_request"}"#),
+            (429, r#"{"error":"invalid_request"}"#),
+            (500, r#"{"error":"invalid_grant"}"#),
+            (400, r#"{"error":"temporarily_unavailable"}"#),
+            (400, r#"{"error":"server_error"}"#),
+        ] {
+            let e = refusal(&r(status, body));
+            assert!(
+                matches!(&e, Error::Unreachable(s) if s.starts_with(&format!("HTTP {status}: "))),
+                "{status} {body}: {e:?}"
+            );
+        }
+        assert!(matches!(
+            refusal(&r(500, r#"{"error":"server_error","error_description":"try later"}"#)),
+            Error::Unreachable(s) if s == "HTTP 500: server_error (try later)"
+        ));
+        assert!(matches!(
+            refusal(&r(400, r#"{"error":"invalid_grant"}"#)),
+            Error::Grant(_)
+        ));
     }
 }

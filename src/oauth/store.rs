@@ -191,8 +191,10 @@ impl Store {
     }
 
     /// Serializes refreshes of this user's tokens across sessions (flock, released on drop).
-    pub fn lock(&self) -> io::Result<std::fs::File> {
-        crate::statefile::lock(&self.lock_path)
+    /// Waits at most until `deadline` (then a `TimedOut` error): sessions queued behind a
+    /// refresh that hangs at the provider give up after one timeout each.
+    pub fn lock_until(&self, deadline: std::time::Instant) -> io::Result<std::fs::File> {
+        crate::statefile::lock_until(&self.lock_path, deadline)
     }
 
     fn read(&self) -> Result<File, StoreError> {
@@ -331,7 +333,9 @@ mod tests {
         let s = Store::new(dir.path(), "alice");
         let pw = Secret::new(b"pw".to_vec());
         let key = s.create(&pw, CHEAP, &tokens()).unwrap();
-        let _lock = s.lock().unwrap();
+        let _lock = s
+            .lock_until(std::time::Instant::now() + std::time::Duration::from_secs(5))
+            .unwrap();
         let mut t = tokens();
         t.access_token = Some("A2".into());
         s.save(&key, &t).unwrap();

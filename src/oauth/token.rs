@@ -7,7 +7,7 @@ use super::flow::{self, Provider};
 use super::store::{Key, Store, StoreError, Tokens};
 use crate::secret::Secret;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A token with less than this left is refreshed first: it must outlive the IMAP login.
 const MARGIN: u64 = 60;
@@ -89,8 +89,22 @@ impl Opened<'_> {
         let s = &self.source;
         let _lock = s
             .store
-            .lock()
-            .map_err(|e| Failure::Temp(format!("locking {}: {e}", s.store.path.display())))?;
+            .lock_until(Instant::now() + s.timeout)
+            .map_err(|e| {
+                Failure::Temp(if e.kind() == std::io::ErrorKind::TimedOut {
+                    format!(
+                        "another session of {} is refreshing the token; gave up waiting after {} s",
+                        s.store
+                            .path
+                            .file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy(),
+                        s.timeout.as_secs()
+                    )
+                } else {
+                    format!("locking the token store {}: {e}", s.store.path.display())
+                })
+            })?;
         let tokens = match s.store.reread(&self.key).map_err(|e| store_failure(s, e))? {
             Some(t) => t,
             None => {
@@ -320,6 +334,7 @@ mod tests {
         let (url, _) = endpoint(vec![
             (400, r#"{"error":"invalid_grant"}"#.into()),
             (503, "down".into()),
+            (503, r#"{"error":"temporarily_unavailable"}"#.into()),
         ]);
         let p = provider(&url);
         let e = source(&p, dir.path()).open(&pw).err().unwrap();
@@ -327,6 +342,8 @@ mod tests {
             matches!(&e, Failure::Perm(s) if s.contains("--oauth2-authorize")),
             "{e:?}"
         );
+        let e = source(&p, dir.path()).open(&pw).err().unwrap();
+        assert!(matches!(e, Failure::Temp(_)), "{e:?}");
         let e = source(&p, dir.path()).open(&pw).err().unwrap();
         assert!(matches!(e, Failure::Temp(_)), "{e:?}");
         // Nobody listening at all.
@@ -363,6 +380,32 @@ mod tests {
             }
         });
         assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    /// A session that finds another one holding the refresh lock past its timeout answers
+    /// [SYS/TEMP] without asking the provider.
+    #[test]
+    fn waiting_for_another_sessions_refresh_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = Secret::new(b"pw".to_vec());
+        let store = enrolled(dir.path(), &pw, 0);
+        let (url, seen) = endpoint(vec![]);
+        let p = provider(&url);
+        let held = store
+            .lock_until(std::time::Instant::now() + Duration::from_secs(5))
+            .unwrap();
+        let mut src = source(&p, dir.path());
+        src.timeout = Duration::from_millis(300);
+        let start = std::time::Instant::now();
+        let e = src.open(&pw).err().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(
+            matches!(&e, Failure::Temp(s) if s.starts_with("another session of alice is \
+                refreshing the token; gave up waiting after")),
+            "{e:?}"
+        );
+        assert!(seen.lock().unwrap().is_empty());
+        drop(held);
     }
 
     #[test]
