@@ -6,16 +6,19 @@
 
 mod common;
 
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::Engine;
 use common::dovecot::Dovecot;
-use common::oauthserver::{browse, http, OAuthServer};
+use common::oauthserver::{browse, http, try_http, OAuthServer, Outage, CLIENT_SECRET};
 use common::pop3::{self, expected_retr, replies, Reply};
+use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const PW: &str = "pop3-only-pw";
 const LOGIN: &str = "USER alice\r\nPASS pop3-only-pw\r\n";
@@ -70,10 +73,19 @@ struct Setup {
     relay: Relay,
     users: tempfile::TempDir,
     state: tempfile::TempDir,
+    /// The provider offers the device flow: enrolment prints a line about it.
+    device: bool,
+    /// No --state-dir: the state directory comes from $STATE_DIRECTORY (systemd's).
+    state_from_env: bool,
 }
 
 impl Setup {
     fn new(mechanism: &str) -> Setup {
+        Setup::with(mechanism, |_| {})
+    }
+
+    /// Like [`Setup::new`], the `"oauth2"` section changed by `edit` first.
+    fn with(mechanism: &str, edit: impl FnOnce(&mut Value)) -> Setup {
         let server = OAuthServer::start();
         // Sessions at once for one user from one address: above Dovecot's default of 10.
         let dovecot =
@@ -87,6 +99,8 @@ impl Setup {
         let mut provider = server.provider_json("mail", redirect_port);
         provider["token_url"] = format!("http://127.0.0.1:{}/token", relay.port).into();
         provider["mechanism"] = mechanism.into();
+        edit(&mut provider);
+        let device = provider.get("device_authorization_url").is_some();
         let file = serde_json::json!({
             "hostname": "127.0.0.1", "port": dovecot.imap_port, "ssl": false,
             "oauth2": provider,
@@ -98,24 +112,53 @@ impl Setup {
             relay,
             users,
             state,
+            device,
+            state_from_env: false,
         }
     }
 
+    /// Rewrites the `"oauth2"` section of alice's file.
+    fn edit_provider(&self, edit: impl FnOnce(&mut Value)) {
+        let path = self.users.path().join("alice");
+        let mut file: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        edit(&mut file["oauth2"]);
+        std::fs::write(&path, file.to_string()).unwrap();
+    }
+
     fn args(&self) -> Vec<String> {
-        [
-            "--user-dir",
-            self.users.path().to_str().unwrap(),
-            "--state-dir",
-            self.state.path().to_str().unwrap(),
-            "--allow-plaintext-auth",
-            "-l",
-            "-d",
-            "pop.test",
-            "--auth-failure-delay",
-            "0",
-        ]
-        .map(String::from)
-        .to_vec()
+        let mut a: Vec<String> = ["--user-dir", self.users.path().to_str().unwrap()]
+            .map(String::from)
+            .to_vec();
+        if !self.state_from_env {
+            a.push("--state-dir".into());
+            a.push(self.state.path().to_str().unwrap().into());
+        }
+        a.extend(
+            [
+                "--allow-plaintext-auth",
+                "-l",
+                "-d",
+                "pop.test",
+                "--auth-failure-delay",
+                "0",
+            ]
+            .map(String::from),
+        );
+        a
+    }
+
+    /// aiopopd with these arguments and `extra`, and $STATE_DIRECTORY as the setup wants it.
+    fn command(&self, extra: &[&str]) -> Command {
+        let mut c = Command::new(pop3::BIN);
+        c.args(extra).args(self.args());
+        if self.state_from_env {
+            // systemd may list several directories; the first is the state directory.
+            let dirs = format!("{}:/nonexistent/second", self.state.path().display());
+            c.env("STATE_DIRECTORY", dirs);
+        } else {
+            c.env_remove("STATE_DIRECTORY");
+        }
+        c
     }
 
     fn store(&self) -> PathBuf {
@@ -126,9 +169,8 @@ impl Setup {
     /// printed instructions (opens the URL, pastes, approves a device code). Its output and
     /// status.
     fn enrol(&self, then: impl FnOnce(&str, &mut dyn Write)) -> (bool, String) {
-        let mut child = Command::new(pop3::BIN)
-            .args(["--oauth2-authorize", "alice"])
-            .args(self.args())
+        let mut child = self
+            .command(&["--oauth2-authorize", "alice"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -138,14 +180,20 @@ impl Setup {
         writeln!(stdin, "{PW}").unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut shown = String::new();
-        // Up to the device-flow line if there is one, else the redirect line.
+        // Up to the line about the redirect, then the one about the device flow if the
+        // provider offers it: reading further would wait for the enrolment's end.
+        let mut redirect_line = false;
         loop {
             let mut line = String::new();
             if out.read_line(&mut line).unwrap() == 0 {
                 break;
             }
             shown.push_str(&line);
-            if line.starts_with("Or, on any device") {
+            if redirect_line {
+                break;
+            }
+            redirect_line = line.starts_with("The browser is sent back to");
+            if redirect_line && !self.device {
                 break;
             }
         }
@@ -164,8 +212,8 @@ impl Setup {
         (ok, format!("{shown}{err}"))
     }
 
-    /// Enrols through the browser's redirect to aiopopd's loopback listener.
-    fn enrol_by_browser(&self) {
+    /// Enrols through the browser's redirect to aiopopd's loopback listener; the output.
+    fn enrol_by_browser(&self) -> String {
         let (ok, out) = self.enrol(|shown, _| {
             let url = authorize_line(shown);
             let (_, answer) = browse(&url);
@@ -176,11 +224,34 @@ impl Setup {
             );
         });
         assert!(ok, "{out}");
+        out
     }
 
     fn session(&self, script: &str) -> (Vec<Reply>, String) {
-        let r = pop3::run(&self.args(), script.as_bytes());
-        (replies(&r.stdout, script), r.stderr)
+        self.session_with(&[], script)
+    }
+
+    /// A session (as inetd runs it) with more arguments; the replies and the log.
+    fn session_with(&self, extra: &[&str], script: &str) -> (Vec<Reply>, String) {
+        let mut child = self
+            .command(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let script_bytes = script.as_bytes().to_vec();
+        // From a thread: replies must not block against the script.
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&script_bytes);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        (
+            replies(&out.stdout, script),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
@@ -225,7 +296,7 @@ fn enrolment_then_sessions_byte_exact_over_xoauth2() {
     }
     let c = s.server.counters();
     assert_eq!((c.authorize, c.token_authorization_code), (1, 1), "{c:?}");
-    check_store(&s.store());
+    check_store(&s);
     let (r, log) = s.session(&format!("{LOGIN}STAT\r\nRETR 1\r\nRETR 2\r\nQUIT\r\n"));
     assert!(r.iter().all(Reply::ok), "{r:?}\n{log}");
     assert_eq!(r[4].body.as_deref(), Some(&expected_retr(&msg(1))[..]));
@@ -242,16 +313,84 @@ fn nix_uid(status: &Path) -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
-/// The store as written: the KDF's parameters, a nonce, sealed bytes; nothing else.
-fn check_store(path: &Path) {
+/// The store as written: the KDF (argon2id) with its parameters, a nonce, sealed bytes;
+/// nothing else. None of the tokens the server ever issued, nor the password, shows in it:
+/// not in clear, not base64 (either alphabet, padded or not) in the text, and not inside any
+/// of its base64 fields decoded (which catches an encoding at any alignment).
+fn check_store(s: &Setup) {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).expect("the token store");
+    let path = s.store();
+    let meta = std::fs::metadata(&path).expect("the token store");
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-    keys.sort_unstable();
-    assert_eq!(keys, ["cipher", "kdf", "nonce", "sealed", "version"]);
-    assert_eq!(v["kdf"]["algorithm"], "argon2id");
+    let text = std::fs::read(&path).unwrap();
+    let v: Value = serde_json::from_slice(&text).unwrap();
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort_unstable();
+        k
+    };
+    assert_eq!(keys(&v), ["cipher", "kdf", "nonce", "sealed", "version"]);
+    let kdf = &v["kdf"];
+    assert_eq!(
+        keys(kdf),
+        [
+            "algorithm",
+            "iterations",
+            "memory_kib",
+            "parallelism",
+            "salt"
+        ]
+    );
+    assert_eq!(kdf["algorithm"], "argon2id");
+    let param = |k: &str| {
+        kdf[k]
+            .as_u64()
+            .filter(|&n| n >= 1)
+            .unwrap_or_else(|| panic!("kdf {k}: {kdf}"))
+    };
+    // Argon2 needs 8 KiB per lane at least; a store asking less would not open.
+    assert!(param("memory_kib") >= 8 * param("parallelism"), "{kdf}");
+    param("iterations");
+    let mut secrets = s.server.issued_access_tokens();
+    let refresh = s.server.issued_refresh_tokens();
+    assert!(!secrets.is_empty() && !refresh.is_empty());
+    secrets.extend(refresh);
+    secrets.push(PW.to_string());
+    let mut decoded = Vec::new();
+    for field in [&kdf["salt"], &v["nonce"], &v["sealed"]] {
+        let field = field.as_str().unwrap();
+        for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+            decoded.extend(engine.decode(field).ok());
+        }
+    }
+    assert!(!decoded.is_empty());
+    for secret in &secrets {
+        let b = secret.as_bytes();
+        for shown in [
+            b.to_vec(),
+            STANDARD.encode(b).into_bytes(),
+            STANDARD_NO_PAD.encode(b).into_bytes(),
+            URL_SAFE.encode(b).into_bytes(),
+            URL_SAFE_NO_PAD.encode(b).into_bytes(),
+        ] {
+            assert!(
+                !contains(&text, &shown),
+                "{} holds {:?}",
+                path.display(),
+                String::from_utf8_lossy(&shown)
+            );
+        }
+        for d in &decoded {
+            assert!(
+                !contains(d, b),
+                "a base64 field of the store decodes to a token"
+            );
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// A wrong password opens nothing and asks the provider nothing: `[AUTH]` and a `login
@@ -268,9 +407,8 @@ fn a_wrong_password_asks_the_provider_nothing() {
 }
 
 /// A token the provider has ended early (IMAP refuses it): refreshed once, the session goes on.
-/// And one about to expire is refreshed before use.
 #[test]
-fn a_refused_or_expiring_token_is_refreshed_once() {
+fn a_refused_token_is_refreshed_once() {
     let s = Setup::new("XOAUTH2");
     deliver(&s, 1);
     s.enrol_by_browser();
@@ -279,16 +417,28 @@ fn a_refused_or_expiring_token_is_refreshed_once() {
     assert!(r.iter().all(Reply::ok), "{r:?}\n{log}");
     assert!(log.contains("refreshing it"), "{log}");
     assert_eq!(s.server.counters().token_refresh_token, 1);
-    // Tokens that live 30 s: less than the minute a session wants left, so refreshed first.
+    // Written back by the session: still none of the (old or rotated) tokens in clear.
+    check_store(&s);
+}
+
+/// A token about to expire (30 s left, less than the minute a session wants) is refreshed
+/// before use: IMAP never sees a stale one. A test of its own: after the refused token above,
+/// Dovecot's auth penalty would delay every later login from 127.0.0.1 by 4 s.
+#[test]
+fn an_expiring_token_is_refreshed_before_use() {
+    let s = Setup::new("XOAUTH2");
+    deliver(&s, 1);
     s.server.set_access_lifetime(Duration::from_secs(30));
-    s.server.expire_all();
-    let (r, log) = s.session(&format!("{LOGIN}STAT\r\nQUIT\r\n"));
-    assert!(r.iter().all(Reply::ok), "{r:?}\n{log}");
-    assert_eq!(s.server.counters().token_refresh_token, 2);
-    let (r, log) = s.session(&format!("{LOGIN}STAT\r\nQUIT\r\n"));
-    assert!(r.iter().all(Reply::ok), "{r:?}\n{log}");
-    assert_eq!(s.server.counters().token_refresh_token, 3);
-    assert_eq!(s.server.counters().refresh_reuse, 0);
+    s.enrol_by_browser();
+    for n in 1..=2 {
+        let (r, log) = s.session(&format!("{LOGIN}STAT\r\nQUIT\r\n"));
+        assert!(r.iter().all(Reply::ok), "{r:?}\n{log}");
+        assert!(!log.contains("refreshing it"), "{log}");
+        let c = s.server.counters();
+        assert_eq!((c.token_refresh_token, c.refresh_reuse), (n, 0), "{c:?}");
+        assert_eq!(c.introspect, c.introspect_active, "{c:?}");
+    }
+    check_store(&s);
 }
 
 /// Sixteen sessions started together after the token expired: one refresh (at most two),
@@ -404,4 +554,209 @@ fn not_enrolled_is_sys_perm() {
     assert!(r[2].status.starts_with("-ERR [SYS/PERM]"), "{r:?}\n{log}");
     assert!(log.contains("--oauth2-authorize"), "{log}");
     assert!(!log.contains("login failed"), "{log}");
+}
+
+const SYS_TEMP: &str = "-ERR [SYS/TEMP] Account is temporarily unavailable; try again later.";
+
+/// A token endpoint slower than --imap-timeout when the session must refresh: `[SYS/TEMP]`
+/// once the timeout has passed (not when the provider finally answers), and no `login
+/// failed:` line.
+#[test]
+fn a_slow_token_endpoint_is_temporary_within_the_timeout() {
+    let s = Setup::new("XOAUTH2");
+    // Tokens that live 30 s: the session refreshes before it goes to IMAP.
+    s.server.set_access_lifetime(Duration::from_secs(30));
+    s.enrol_by_browser();
+    s.server.set_delay(Duration::from_secs(10));
+    let started = Instant::now();
+    let (r, log) = s.session_with(&["--imap-timeout", "2"], &format!("{LOGIN}QUIT\r\n"));
+    let took = started.elapsed();
+    assert_eq!(r[2].status, SYS_TEMP, "{r:?}\n{log}");
+    assert!(!log.contains("login failed"), "{log}");
+    // It waited for the timeout, and not for the 10 s answer.
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(7),
+        "{took:?}\n{log}"
+    );
+}
+
+/// A token endpoint that says "later" with a status and a JSON error (`503` or `429`,
+/// `{"error":"temporarily_unavailable"}`) when the token has expired: `[SYS/TEMP]`, not
+/// `[SYS/PERM]`; the grant is intact once the provider is back.
+#[test]
+fn a_503_or_429_with_a_json_error_is_temporary() {
+    let s = Setup::new("XOAUTH2");
+    deliver(&s, 1);
+    s.server.set_access_lifetime(Duration::from_secs(30));
+    s.enrol_by_browser();
+    let script = format!("{LOGIN}STAT\r\nQUIT\r\n");
+    for (outage, status) in [(Outage::Unavailable, 503), (Outage::RateLimited, 429)] {
+        s.server.set_down(outage);
+        let (r, log) = s.session(&script);
+        assert_eq!(r[2].status, SYS_TEMP, "HTTP {status}: {r:?}\n{log}");
+        assert!(log.contains("temporarily_unavailable"), "{log}");
+        assert!(!log.contains("login failed"), "{log}");
+    }
+    s.server.set_down(Outage::Up);
+    let (r, log) = s.session(&script);
+    assert!(r.iter().all(Reply::ok), "{r:?}\n{log}");
+    let c = s.server.counters();
+    assert_eq!((c.token_refresh_token, c.refresh_reuse), (1, 0), "{c:?}");
+}
+
+/// A provider without a device endpoint (Gmail's case): the enrolment through the real
+/// redirect works, and neither offers nor mentions a device code.
+#[test]
+fn enrolment_without_a_device_endpoint_offers_no_device_code() {
+    let s = Setup::with("XOAUTH2", |p| {
+        p.as_object_mut()
+            .unwrap()
+            .remove("device_authorization_url");
+    });
+    deliver(&s, 1);
+    let out = s.enrol_by_browser();
+    assert!(!out.contains("on any device"), "{out}");
+    assert!(!out.to_lowercase().contains("device"), "{out}");
+    let c = s.server.counters();
+    assert_eq!((c.device, c.token_device_code), (0, 0), "{c:?}");
+    assert_eq!(c.token_authorization_code, 1, "{c:?}");
+    let (r, log) = s.session(&format!("{LOGIN}RETR 1\r\nQUIT\r\n"));
+    assert!(r.iter().all(Reply::ok), "{r:?}\n{log}");
+    assert_eq!(r[3].body.as_deref(), Some(&expected_retr(&msg(1))[..]));
+}
+
+/// A redirect to the loopback listener whose `state` isn't this enrolment's, carrying a code
+/// the server really issued for aiopopd's redirect URI and PKCE challenge: aiopopd exchanges
+/// nothing and ends the enrolment saying why (so the genuine redirect then finds nobody);
+/// enrolling again works.
+#[test]
+fn a_redirect_with_a_forged_state_exchanges_nothing() {
+    let s = Setup::new("XOAUTH2");
+    let mut genuine = String::new();
+    let (ok, out) = s.enrol(|shown, _| {
+        genuine = authorize_line(shown);
+        let forged: Vec<String> = genuine
+            .split('&')
+            .map(|p| match p.strip_prefix("state=") {
+                Some(_) => "state=forged".to_string(),
+                None => p.to_string(),
+            })
+            .collect();
+        let (location, answer) = browse(&forged.join("&"));
+        assert!(location.contains("code=") && location.contains("state=forged"));
+        let answer = answer.expect("the forged redirect reaches aiopopd's listener");
+        assert!(
+            String::from_utf8_lossy(&answer.body).contains("authorization failed"),
+            "{answer:?}"
+        );
+    });
+    assert!(!ok, "{out}");
+    assert!(out.contains("state doesn't match"), "{out}");
+    let c = s.server.counters();
+    assert_eq!(
+        (c.token_authorization_code, c.token_errors),
+        (0, 0),
+        "{c:?}"
+    );
+    assert!(!s.store().exists());
+    let r = http("GET", &genuine, None);
+    let location = r.header("location").expect("a redirect").to_string();
+    assert!(try_http("GET", &location, None).is_err(), "still listening");
+    s.enrol_by_browser();
+    assert_eq!(s.server.counters().token_authorization_code, 1);
+    assert!(s.store().exists());
+}
+
+/// A confidential client (Google's "desktop app" has a secret): with `client_secret` in the
+/// section the server that requires it enrols and refreshes; without it, its refusal
+/// (`invalid_client`) is in the session's log (`[SYS/PERM]`) and the enrolment's error.
+#[test]
+fn a_client_secret_is_sent_and_its_absence_reported() {
+    let s = Setup::with("XOAUTH2", |p| {
+        p.as_object_mut()
+            .unwrap()
+            .remove("device_authorization_url");
+        p["client_secret"] = CLIENT_SECRET.into();
+    });
+    deliver(&s, 1);
+    s.server.set_require_client_secret(true);
+    s.server.set_access_lifetime(Duration::from_secs(30));
+    s.enrol_by_browser();
+    let script = format!("{LOGIN}STAT\r\nQUIT\r\n");
+    let (r, log) = s.session(&script);
+    assert!(r.iter().all(Reply::ok), "{r:?}\n{log}");
+    let c = s.server.counters();
+    assert_eq!(
+        (
+            c.token_authorization_code,
+            c.token_refresh_token,
+            c.token_errors
+        ),
+        (1, 1, 0),
+        "{c:?}"
+    );
+    s.edit_provider(|p| {
+        p.as_object_mut().unwrap().remove("client_secret");
+    });
+    let (r, log) = s.session(&script);
+    assert!(r[2].status.starts_with("-ERR [SYS/PERM]"), "{r:?}\n{log}");
+    assert!(log.contains("invalid_client"), "{log}");
+    assert!(!log.contains("login failed"), "{log}");
+    let (ok, out) = s.enrol(|shown, _| {
+        browse(&authorize_line(shown));
+    });
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("exchanging the code") && out.contains("invalid_client"),
+        "{out}"
+    );
+    assert_eq!(s.server.counters().token_errors, 2);
+}
+
+/// AUTH PLAIN and AUTH LOGIN (RFC 5034) with the same password open the store as PASS does:
+/// every reply after the login is the same, byte for byte.
+#[test]
+fn auth_plain_and_auth_login_give_the_same_session() {
+    let s = Setup::new("XOAUTH2");
+    deliver(&s, 2);
+    s.enrol_by_browser();
+    let rest = "STAT\r\nLIST\r\nUIDL\r\nRETR 1\r\nTOP 2 0\r\nQUIT\r\n";
+    let (by_pass, log) = s.session(&format!("{LOGIN}{rest}"));
+    assert!(by_pass.iter().all(Reply::ok), "{by_pass:?}\n{log}");
+    let plain = STANDARD.encode(format!("\0alice\0{PW}"));
+    let (by_plain, log) = s.session(&format!("AUTH PLAIN {plain}\r\n{rest}"));
+    assert!(by_plain.iter().all(Reply::ok), "{by_plain:?}\n{log}");
+    let (user, pw) = (STANDARD.encode("alice"), STANDARD.encode(PW));
+    let (by_login, log) = s.session(&format!("AUTH LOGIN\r\n{user}\r\n{pw}\r\n{rest}"));
+    assert!(
+        by_login[1].status.starts_with("+ ") && by_login[2].status.starts_with("+ "),
+        "{by_login:?}\n{log}"
+    );
+    assert!(by_login[3..].iter().all(Reply::ok), "{by_login:?}\n{log}");
+    assert_eq!(
+        by_pass[6].body.as_deref(),
+        Some(&expected_retr(&msg(1))[..])
+    );
+    assert_eq!(by_pass[3..], by_plain[2..]);
+    assert_eq!(by_pass[3..], by_login[4..]);
+    assert_eq!(s.server.counters().token_refresh_token, 0);
+}
+
+/// No --state-dir: the enrolment writes the store under $STATE_DIRECTORY (its first path,
+/// as systemd's StateDirectory= sets it), and sessions read it from there.
+#[test]
+fn the_state_directory_defaults_to_state_directory_env() {
+    let mut s = Setup::new("XOAUTH2");
+    s.state_from_env = true;
+    deliver(&s, 1);
+    let out = s.enrol_by_browser();
+    assert!(
+        out.contains(&s.store().display().to_string()),
+        "the store's path: {out}"
+    );
+    check_store(&s);
+    let (r, log) = s.session(&format!("{LOGIN}RETR 1\r\nQUIT\r\n"));
+    assert!(r.iter().all(Reply::ok), "{r:?}\n{log}");
+    assert_eq!(r[3].body.as_deref(), Some(&expected_retr(&msg(1))[..]));
+    assert_eq!(s.server.counters().token_refresh_token, 0);
 }

@@ -387,7 +387,12 @@ fn provider_outages_are_temporary_failures_for_dovecot() {
     let dovecot = oauth.start_dovecot();
     let tokens = oauth.enrol(SCOPE);
 
-    for outage in [Outage::Unavailable, Outage::Hangup, Outage::Refused] {
+    for outage in [
+        Outage::Unavailable,
+        Outage::RateLimited,
+        Outage::Hangup,
+        Outage::Refused,
+    ] {
         oauth.set_down(outage);
         let auth = imap_xoauth2(dovecot.imap_port, TOKEN_USER, &tokens.access_token);
         eprintln!("{outage:?}: {:?} after {:?}", auth.tagged, auth.elapsed);
@@ -406,6 +411,13 @@ fn provider_outages_are_temporary_failures_for_dovecot() {
                 assert_eq!(
                     (r.status, r.error().as_deref()),
                     (503, Some("temporarily_unavailable"))
+                );
+            }
+            Outage::RateLimited => {
+                let r = http("POST", &oauth.token_url(), Some(&[("grant_type", "x")]));
+                assert_eq!(
+                    (r.status, r.error().as_deref(), r.header("retry-after")),
+                    (429, Some("temporarily_unavailable"), Some("1"))
                 );
             }
             Outage::Hangup => {
@@ -432,7 +444,7 @@ fn provider_outages_are_temporary_failures_for_dovecot() {
     }
     assert!(back.is_some(), "back up:\n{}", dovecot.log_contents());
     let c = oauth.counters();
-    assert!(c.while_down >= 4, "{c:?}");
+    assert!(c.while_down >= 6, "{c:?}");
 }
 
 #[test]

@@ -99,6 +99,9 @@ pub enum Outage {
     Up,
     /// Every request is answered `503 {"error":"temporarily_unavailable"}`.
     Unavailable,
+    /// Every request is answered `429 {"error":"temporarily_unavailable"}` with
+    /// `Retry-After: 1` (a provider throttling the client).
+    RateLimited,
     /// Connections are accepted and closed without an answer.
     Hangup,
     /// The listening socket is closed: connections are refused. Back `Up`, the server listens
@@ -488,6 +491,17 @@ impl OAuthServer {
         self.shared.lock().counters.clone()
     }
 
+    /// Every access token issued so far (by any grant, expired or revoked too), to check
+    /// that a client's files and logs hold none of them.
+    pub fn issued_access_tokens(&self) -> Vec<String> {
+        self.shared.lock().access.keys().cloned().collect()
+    }
+
+    /// Every refresh token issued so far, rotated ones included.
+    pub fn issued_refresh_tokens(&self) -> Vec<String> {
+        self.shared.lock().refresh.keys().cloned().collect()
+    }
+
     /// Issues a grant directly (no HTTP): what a client holds after the authorization-code
     /// flow, for tests that are not about the flow itself.
     pub fn issue(&self, scope: &str) -> Tokens {
@@ -722,6 +736,17 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
             "temporarily_unavailable",
             "the authorization server is down (test harness)",
         ),
+        (Outage::RateLimited, _) => {
+            let mut answer = Answer::error(
+                429,
+                "temporarily_unavailable",
+                "too many requests (test harness)",
+            );
+            answer
+                .headers
+                .push(("Retry-After".to_string(), "1".to_string()));
+            answer
+        }
         (Outage::Up, Err(why)) => Answer::error(400, "invalid_request", &why),
         (Outage::Up, Ok(request)) => route(shared, &request),
     };
@@ -737,6 +762,7 @@ fn reason(status: u16) -> &'static str {
         401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        429 => "Too Many Requests",
         503 => "Service Unavailable",
         _ => "Unknown",
     }
