@@ -381,41 +381,8 @@ mod tests {
 
     /// A provider answering its requests, whatever the path, with `answers` in turn; its URL.
     fn endpoint(answers: Vec<(u16, &'static str)>) -> String {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
-        std::thread::spawn(move || {
-            for (status, body) in answers {
-                let (mut s, _) = l.accept().unwrap();
-                let mut req = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let n = s.read(&mut buf).unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    req.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&req);
-                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-                        continue;
-                    };
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Content-Length: "))
-                        .unwrap()
-                        .parse()
-                        .unwrap();
-                    if body.len() >= len {
-                        break;
-                    }
-                }
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        url
+        let answers = answers.into_iter().map(|(c, b)| (c, b.to_string()));
+        crate::oauth::testing::endpoint(answers.collect()).0
     }
 
     /// The instructions, a line at a time, as the user reads them.

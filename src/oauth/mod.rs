@@ -5,4 +5,6 @@ pub mod enrol;
 pub mod flow;
 pub mod http;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod token;

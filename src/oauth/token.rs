@@ -195,8 +195,6 @@ pub fn initial_response(
 mod tests {
     use super::*;
     use crate::oauth::store::KdfParams;
-    use std::io::{Read, Write};
-    use std::net::TcpListener;
     use std::sync::{Arc, Mutex};
 
     const CHEAP: KdfParams = KdfParams {
@@ -208,40 +206,8 @@ mod tests {
     /// A token endpoint answering each request with the next of `answers` (status, body);
     /// the request bodies it saw.
     fn endpoint(answers: Vec<(u16, String)>) -> (String, Arc<Mutex<Vec<String>>>) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://127.0.0.1:{}/token", l.local_addr().unwrap().port());
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let seen2 = seen.clone();
-        std::thread::spawn(move || {
-            for (status, body) in answers {
-                let (mut s, _) = l.accept().unwrap();
-                let mut req = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    let n = s.read(&mut buf).unwrap();
-                    req.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&req);
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("Content-Length: "))
-                            .unwrap()
-                            .parse()
-                            .unwrap();
-                        if body.len() >= len {
-                            seen2.lock().unwrap().push(body.to_string());
-                            break;
-                        }
-                    }
-                }
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        (url, seen)
+        let (base, seen) = crate::oauth::testing::endpoint(answers);
+        (format!("{base}/token"), seen)
     }
 
     fn provider(token_url: &str) -> Provider {
