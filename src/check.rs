@@ -751,7 +751,14 @@ fn capabilities(r: &mut Report, c: &mut Conn, when: &str) -> Option<Vec<String>>
                     auth.join(" ")
                 }
             ));
-            r.note(&line.join(", "));
+            let mut line = line.join(", ");
+            if when != "after login" {
+                // Dovecot, for one, lists UIDPLUS and MOVE only once logged in.
+                line.push_str(
+                    " (before login: servers often list more after it; -u USER shows them)",
+                );
+            }
+            r.note(&line);
             Some(caps)
         }
         Err(f) => {

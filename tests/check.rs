@@ -458,7 +458,9 @@ fn the_capabilities_that_matter_are_each_named() {
         .find_map(|l| l.strip_prefix("  note  "))
         .unwrap_or_default();
     assert!(
-        before.contains("STARTTLS yes") && before.contains(", ID yes, "),
+        before.contains("STARTTLS yes")
+            && before.contains(", ID yes, ")
+            && before.ends_with("-u USER shows them)"),
         "{}",
         o.stdout
     );
