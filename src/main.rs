@@ -68,7 +68,8 @@ fn refuse(msg: &str) -> ExitCode {
         // systemd's StandardError=journal: the log is stderr, one entry per line.
         log::init(log::Target::Stderr, true, false);
         log::error("configuration error (the fix follows):");
-        for line in msg.lines() {
+        // Blank lines would be empty entries.
+        for line in msg.lines().filter(|l| !l.trim().is_empty()) {
             log::error(line);
         }
     } else {
