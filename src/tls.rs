@@ -31,8 +31,14 @@ pub fn server_config(files: &Files) -> Result<Arc<rustls::ServerConfig>, String>
     if certs.is_empty() {
         return Err(format!("no certificate in {}", files.cert.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("reading the private key from {}: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| match e {
+        // rustls-pki-types says only "no items found".
+        rustls::pki_types::pem::Error::NoItemsFound => format!(
+            "no private key in {} (expected a PEM block such as BEGIN PRIVATE KEY)",
+            files.key.display()
+        ),
+        e => format!("reading the private key from {}: {e}", files.key.display()),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])

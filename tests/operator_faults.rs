@@ -560,8 +560,8 @@ fn implicit_tls_with_a_certificate_that_cant_be_loaded_logs_one_line_and_sends_n
         (
             &cert,
             &not_pem,
-            format!("TLS: reading the private key from {not_pem}: "),
-            "no items found",
+            format!("TLS: no private key in {not_pem} "),
+            "(expected a PEM block such as BEGIN PRIVATE KEY)",
         ),
     ];
     for (c, k, what, problem) in cases {
