@@ -371,11 +371,7 @@ fn give_to_state_dir_owner(state_dir: &Path, store: &Path) -> Result<(), String>
 mod tests {
     use super::*;
 
-    const CHEAP: KdfParams = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
+    use crate::oauth::testing::CHEAP;
 
     const GRANT: &str = r#"{"access_token":"A1","expires_in":3600,"refresh_token":"R1"}"#;
 

@@ -274,11 +274,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     /// Cheap parameters: the tests are about the format, not the cost.
-    const CHEAP: KdfParams = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
+    use crate::oauth::testing::CHEAP;
 
     fn tokens() -> Tokens {
         Tokens {

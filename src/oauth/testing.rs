@@ -1,8 +1,16 @@
 //! What the unit tests of the OAuth modules share: a provider on loopback.
 
+use crate::oauth::store::KdfParams;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
+
+/// Argon2id at its cheapest: the tests are about the store, not the cost.
+pub const CHEAP: KdfParams = KdfParams {
+    memory_kib: 64,
+    iterations: 1,
+    parallelism: 1,
+};
 
 /// An HTTP server on loopback answering each request, whatever its path, with the next of
 /// `answers` (status, body); its base URL and the request bodies it saw.

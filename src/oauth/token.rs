@@ -194,14 +194,9 @@ pub fn initial_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oauth::store::KdfParams;
     use std::sync::{Arc, Mutex};
 
-    const CHEAP: KdfParams = KdfParams {
-        memory_kib: 64,
-        iterations: 1,
-        parallelism: 1,
-    };
+    use crate::oauth::testing::CHEAP;
 
     /// A token endpoint answering each request with the next of `answers` (status, body);
     /// the request bodies it saw.
