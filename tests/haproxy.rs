@@ -15,7 +15,7 @@ use common::haproxy::{self, connect_from, Haproxy, Proxy, BALANCER, CLIENT};
 use common::pop3::{args, expected_retr, replies};
 use std::io::{Read, Write};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Clone, Copy, Debug)]
 enum Mode {
@@ -124,18 +124,7 @@ sys.stdout.buffer.write(out)
 
 /// The sessions' log once it contains `needle` `n` times.
 fn wait_log(a: &Activator, needle: &str, n: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let log = a.log();
-        if log.matches(needle).count() >= n {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not {n} of {needle:?} in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    a.wait_log(needle, n)
 }
 
 /// aiopopd's own lines (`<N>` prefixes), not systemd-socket-activate's.

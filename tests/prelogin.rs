@@ -21,18 +21,7 @@ fn start(d: &Dovecot, extra: &[&str]) -> Activator {
 
 /// The sessions' log once it contains `needle`.
 fn wait_log(a: &Activator, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let log = a.log();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    a.wait_log(needle, 1)
 }
 
 fn dovecot() -> Dovecot {

@@ -36,20 +36,9 @@ fn exchange(port: u16, first: &[u8], script: &str) -> Vec<u8> {
     out
 }
 
-/// The sessions' log once it contains `needle` (lines are written as a session ends).
+/// The sessions' log once it contains `needle`.
 fn wait_log(a: &Activator, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let log = a.log();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    a.wait_log(needle, 1)
 }
 
 /// Only aiopopd's own lines (`<N>` prefixes), not systemd-socket-activate's chatter, which names

@@ -52,6 +52,23 @@ impl Activator {
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(self.log.path()).unwrap()).into_owned()
     }
+
+    /// The sessions' log once it contains `needle` `n` times (lines are written as a session
+    /// ends); fails after 15 s.
+    pub fn wait_log(&self, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not {n} of {needle:?} in the log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Activator {
